@@ -60,6 +60,14 @@ def default_model_path() -> str:
     return str(target)
 
 
+def engine_kwargs(**overrides) -> dict:
+    """``LLM(...)`` arguments that fit vLLM CPU on a small machine (about 4 GiB of KV cache)."""
+    kwargs = dict(model=default_model_path(), dtype="float32", max_model_len=4096, gpu_memory_utilization=0.4,
+                  seed=0)
+    kwargs.update(overrides)
+    return kwargs
+
+
 if __name__ == "__main__":
     print(default_model_path())
     sys.exit(0)

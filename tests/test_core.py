@@ -1,0 +1,252 @@
+"""The drafting core against a brute-force oracle, plus golden cases, metamorphic and lifecycle checks.
+
+Runs in seconds, without vLLM.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vllm_anpd.core import AnpdParams, NgramTables
+from vllm_anpd.core import oracle
+
+K = 6
+
+
+def make_tables(params=None, slots=4, batch=8):
+    return NgramTables(params or AnpdParams(num_speculative_tokens=K), num_slots=slots, max_batch=batch)
+
+
+def run_single(tables, slot, context, k):
+    row = np.zeros((1, max(len(context), 1)), np.int32)
+    row[0, :len(context)] = context
+    drafts, lens = tables.step(row, np.array([len(context)]), np.array([slot], np.int32),
+                               np.array([k], np.int32))
+    return drafts[0, :lens[0]].tolist()
+
+
+# --- golden cases, worked by hand ------------------------------------------------------------------
+
+def test_golden_highest_level_wins_and_chains():
+    # n=5 key (1,2,3,?) is ambiguous; the context ends in "1 2 3": level n=4 key (1,2,3) was followed by
+    # 4 once and 5 once, the tie goes to the most recent (5). Then the chain "2 3 5" -> "1" (n=4),
+    # "3 5 1" -> "2", "5 1 2" -> "3", "1 2 3" -> "5".
+    t = make_tables()
+    assert run_single(t, t.acquire(), [1, 2, 3, 4, 1, 2, 3, 5, 1, 2, 3], 5) == [5, 1, 2, 3, 5]
+
+
+def test_golden_counts_beat_recency():
+    # After 7: 8 twice, then 9 once (most recent). Count wins: 8.
+    t = make_tables(AnpdParams(num_speculative_tokens=K, n_min=2, n_max=2))
+    assert run_single(t, t.acquire(), [7, 8, 7, 8, 7, 9, 7], 1) == [8]
+
+
+def test_golden_backoff_to_lower_level():
+    # (5, 6) never seen, but 6 alone was followed by 1.
+    t = make_tables(AnpdParams(num_speculative_tokens=K, n_min=2, n_max=3))
+    assert run_single(t, t.acquire(), [6, 1, 0, 5, 6], 1) == [1]
+
+
+def test_golden_no_match_no_draft():
+    t = make_tables()
+    assert run_single(t, t.acquire(), [1, 2, 3, 4], 4) == []
+
+
+def test_prompt_is_counted_once_without_wraparound():
+    # The published reference code feeds the prompt twice: counts double and the prompt's end is joined
+    # to its start, so after [1 2 3] the false bigram (3 -> 1) would draft 1. Ours must not.
+    t = make_tables(AnpdParams(num_speculative_tokens=K, n_min=2, n_max=2))
+    assert run_single(t, t.acquire(), [1, 2, 3], 3) == []
+    t2 = make_tables(AnpdParams(num_speculative_tokens=K, n_min=2, n_max=2, min_count=2))
+    assert run_single(t2, t2.acquire(), [4, 5, 4], 1) == []  # (4 -> 5) seen once, not twice
+
+
+def test_gate_min_count_and_share():
+    ctx = [1, 2, 1, 3, 1, 2, 1]  # after 1: 2 twice, 3 once: share 2/3
+
+    def gated(**gate):
+        t = make_tables(AnpdParams(num_speculative_tokens=K, n_min=2, n_max=2, **gate))
+        return run_single(t, t.acquire(), ctx, 1), t.stats()["gate_stops"]
+
+    assert gated(min_count=2) == ([2], 0)
+    assert gated(min_count=3) == ([], 1)
+    assert gated(min_share=0.6) == ([2], 0)
+    assert gated(min_share=0.7) == ([], 1)
+
+
+# --- oracle equality (property tests) --------------------------------------------------------------
+
+params_strategy = st.builds(
+    lambda n_min, span, k, mc, ms: AnpdParams(num_speculative_tokens=k, n_min=n_min, n_max=n_min + span,
+                                               min_count=mc, min_share=ms),
+    st.integers(1, 3), st.integers(0, 3), st.integers(1, 8), st.integers(1, 3),
+    st.sampled_from([0.0, 0.3, 0.5, 0.9]))
+
+small_tokens = st.lists(st.integers(0, 3), max_size=60)
+huge_tokens = st.lists(st.sampled_from([0, 1, 2**31 - 1, -2**31, 262143, 151_000]), max_size=60)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(params=params_strategy, context=st.one_of(small_tokens, huge_tokens),
+       cuts=st.lists(st.integers(0, 60), max_size=5), k=st.integers(0, 8))
+def test_kernel_equals_oracle_at_every_step(params, context, cuts, k):
+    """Feed the context in arbitrary increments (like engine steps); every draft equals the oracle's."""
+    t = NgramTables(params, num_slots=2, max_batch=2)
+    slot = t.acquire()
+    row = np.zeros((1, max(len(context), 1)), np.int32)
+    row[0, :len(context)] = context
+    for n in sorted({min(c, len(context)) for c in cuts} | {len(context)}):
+        drafts, lens = t.step(row, np.array([n]), np.array([slot], np.int32), np.array([k], np.int32))
+        got = drafts[0, :lens[0]].tolist()
+        assert got == oracle.draft(context[:n], params, k)
+        assert len(got) <= min(k, params.num_speculative_tokens)
+
+
+@settings(max_examples=60, deadline=None)
+@given(contexts=st.lists(small_tokens, min_size=1, max_size=6), k=st.integers(1, 8))
+def test_batch_equals_per_request_calls(contexts, k):
+    """Metamorphic: one batched call drafts what separate calls draft."""
+    params = AnpdParams(num_speculative_tokens=8)
+    width = max(1, max(len(c) for c in contexts))
+    rows = np.zeros((len(contexts), width), np.int32)
+    for i, c in enumerate(contexts):
+        rows[i, :len(c)] = c
+    batch = NgramTables(params, num_slots=2, max_batch=2)  # both must grow
+    slots = np.array([batch.acquire() for _ in contexts], np.int32)
+    d, l = batch.step(rows, np.array([len(c) for c in contexts]), slots, np.full(len(contexts), k, np.int32))
+    batched = [d[i, :l[i]].tolist() for i in range(len(contexts))]
+    for i, c in enumerate(contexts):
+        single = NgramTables(params, num_slots=1, max_batch=1)
+        assert run_single(single, single.acquire(), c, k) == batched[i]
+
+
+@settings(max_examples=60, deadline=None)
+@given(first=small_tokens, second=small_tokens, k=st.integers(1, 8))
+def test_release_then_reuse_leaves_no_trace(first, second, k):
+    params = AnpdParams(num_speculative_tokens=8)
+    t = NgramTables(params, num_slots=1, max_batch=1)
+    s = t.acquire()
+    run_single(t, s, first + first, k)
+    t.release(s)
+    s2 = t.acquire()
+    assert s2 == s
+    assert run_single(t, s2, second, k) == oracle.draft(second, params, k)
+    assert t.meta[s2, 0] == len(second)
+
+
+def test_shrinking_context_rebuilds_slot():
+    """A context shorter than what the slot consumed (another request in the slot) is rebuilt, not mixed."""
+    p = AnpdParams(num_speculative_tokens=4)
+    t = make_tables(p)
+    s = t.acquire()
+    run_single(t, s, [1, 2, 3, 1, 2, 3, 1, 2], 4)
+    assert run_single(t, s, [9, 8, 9], 4) == oracle.draft([9, 8, 9], p, 4)
+
+
+# --- limits and edge cases -------------------------------------------------------------------------
+
+def test_draft_limits_and_empty_contexts():
+    t = make_tables()
+    rows = np.array([[1, 1, 1, 1, 1, 1], [5, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], np.int32)
+    slots = np.array([t.acquire(), t.acquire(), t.acquire(), -1], np.int32)
+    d, l = t.step(rows, np.array([6, 1, 0, 6]), slots, np.array([3, 4, 4, 4], np.int32))
+    assert l.tolist() == [3, 0, 0, 0]  # limit respected; one-token, empty and skipped rows draft nothing
+    d, l = t.step(rows, np.array([6, 1, 0, 6]), slots, np.array([100, 0, 0, 0], np.int32))
+    assert l[0] == K  # clipped to num_speculative_tokens
+
+
+def test_out_of_range_token_ids_are_rejected_with_the_value():
+    t = make_tables()
+    with pytest.raises(ValueError, match="4294967296"):
+        t.step(np.array([[1, 2**32]], np.int64), np.array([2]), np.array([t.acquire()], np.int32),
+               np.array([2], np.int32))
+    d, l = t.step(np.array([[1, 2, 1]], np.int64), np.array([3]), np.array([0], np.int32),
+                  np.array([2], np.int32))  # int64 that fits is accepted
+    assert d[0, :l[0]].tolist() == [2, 1]
+
+
+def test_num_tokens_beyond_row_is_clamped():
+    t = make_tables()
+    d, l = t.step(np.array([[1, 2, 1]], np.int32), np.array([99]), np.array([t.acquire()], np.int32),
+                  np.array([2], np.int32))
+    assert d[0, :l[0]].tolist() == [2, 1]
+
+
+def test_max_entries_bounds_memory_and_counts_drops():
+    p = AnpdParams(num_speculative_tokens=4, max_entries_per_request=50)
+    t = make_tables(p)
+    s = t.acquire()
+    rng = np.random.default_rng(0)
+    run_single(t, s, rng.integers(0, 10_000, 2000).tolist(), 4)
+    assert t.meta[s, 1] <= 50 and t.meta[s, 2] <= 50
+    assert t.stats()["dropped_ngrams"] > 0
+    # 50 entries fit a 128-cell table (75 % load): 128 x (8 + 12) key bytes + 128 x (8 + 4) pair bytes.
+    assert t.slot_bytes(s) == 128 * 20 + 128 * 12
+
+
+def test_bytes_in_use_grows_with_context_and_returns_after_release():
+    t = make_tables()
+    base = t.bytes_in_use()
+    s = t.acquire()
+    run_single(t, s, np.random.default_rng(1).integers(0, 1000, 5000).tolist(), 4)
+    assert t.bytes_in_use() > base + 100_000
+    t.release(s)
+    assert t.bytes_in_use() == base
+
+
+def test_stats_acceptance_feedback():
+    """The next step scores the previous draft: accepted prefix, per level."""
+    p = AnpdParams(num_speculative_tokens=4, n_min=2, n_max=2)
+    t = make_tables(p)
+    s = t.acquire()
+    ctx = [1, 2, 3, 1]
+    assert run_single(t, s, ctx, 3) == [2, 3, 1]
+    second = run_single(t, s, ctx + [2, 3, 9], 3)  # 2 and 3 accepted, then the model's 9
+    st_ = t.stats()
+    assert st_["drafted_tokens"] == 3 + len(second)
+    assert st_["drafts"] == 1 + (len(second) > 0)
+    assert st_["accepted_tokens"] == 2
+    assert st_["per_level"]["n=2"]["accepted"] == 2
+
+
+def test_release_errors_name_the_slot():
+    t = make_tables()
+    with pytest.raises(ValueError, match="slot=3"):
+        t.release(3)
+
+
+def test_core_does_not_import_vllm():
+    code = "import sys, vllm_anpd.core; assert not any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- config validation -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(num_speculative_tokens=0), "num_speculative_tokens=0"),
+    (dict(num_speculative_tokens=1000), "num_speculative_tokens=1000"),
+    (dict(n_min=0), "n_min=0"),
+    (dict(n_min=4, n_max=3), "n_max=3"),
+    (dict(n_max=40), "n_max=40"),
+    (dict(min_count=0), "min_count"),
+    (dict(min_count=[1, 2]), "min_count"),
+    (dict(min_share=1.5), "min_share"),
+    (dict(min_share="x"), "min_share"),
+    (dict(stop_probability=1.0), "stop_probability=1.0"),
+    (dict(max_entries_per_request=-1), "max_entries_per_request=-1"),
+    (dict(n_min=True), "n_min=True"),
+])
+def test_invalid_params_name_field_and_value(kwargs, needle):
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[")):
+        AnpdParams(**kwargs)
+
+
+def test_per_level_thresholds():
+    p = AnpdParams(n_min=2, n_max=4, min_count=[1, 2, 3], min_share=0.5)
+    assert p.min_count == (1, 2, 3) and p.min_share == (0.5, 0.5, 0.5)
