@@ -1,0 +1,188 @@
+"""Replay simulator: drafting quality on real greedy outputs, in seconds, without an engine.
+
+    python benchmarks/make_references.py            # once: vLLM, no speculation, real model (cached)
+    python benchmarks/replay.py --k 5 8              # ANPD vs vLLM ngram grid on all 480 Spec-Bench prompts
+
+For each request, decoding is replayed exactly as vLLM verifies drafts: the prefill step yields the first
+output token; then every step proposes a draft from prompt + output so far, accepts the longest prefix
+equal to the reference continuation, plus one token of the target's own (the bonus / correction token),
+never past the reference's end. MAT = output tokens / target forward steps (prefill included).
+vLLM's own ``NgramProposer`` (imported from the installed vLLM) runs on the identical arrays.
+
+Writes ``benchmarks/results/replay.json`` and ``replay.md`` (per category), prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_references import reference_path  # noqa: E402
+
+from vllm_anpd.core import AnpdParams, NgramTables  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_references(max_tokens: int = 256):
+    path = reference_path(max_tokens)
+    if not path.exists():
+        raise SystemExit(f"{path} missing: run  python benchmarks/make_references.py --max-tokens {max_tokens}")
+    return [json.loads(line) for line in open(path)]
+
+
+class Corpus:
+    """All requests as one token matrix (prompt + reference output per row)."""
+
+    def __init__(self, refs):
+        self.refs = refs
+        self.prompt_len = np.array([len(r["prompt_ids"]) for r in refs], np.int64)
+        self.out_len = np.array([len(r["output_ids"]) for r in refs], np.int64)
+        width = int((self.prompt_len + self.out_len).max()) + 1
+        self.tokens = np.zeros((len(refs), width), np.int32)
+        for i, r in enumerate(refs):
+            seq = r["prompt_ids"] + r["output_ids"]
+            self.tokens[i, :len(seq)] = seq
+        self.categories = [r["category"] for r in refs]
+
+
+class AnpdDrafter:
+    name = "anpd"
+
+    def __init__(self, params: AnpdParams, num_requests: int):
+        self.params = params
+        self.tables = NgramTables(params, num_slots=num_requests, max_batch=num_requests)
+        self.slot_ids = np.array([self.tables.acquire() for _ in range(num_requests)], np.int32)
+
+    def propose(self, tokens, num_tokens, active, k):
+        slots = np.where(active, self.slot_ids, -1).astype(np.int32)
+        drafts, lens = self.tables.step(tokens, num_tokens, slots, np.full(len(slots), k, np.int32))
+        return drafts, lens
+
+    def extra_stats(self):
+        return self.tables.stats()
+
+
+class VllmNgramDrafter:
+    """vLLM's built-in n-gram proposer, from the installed vLLM, driven with the same arrays."""
+
+    def __init__(self, min_n: int, max_n: int, k: int, num_requests: int, max_model_len: int):
+        from vllm.v1.spec_decode.ngram_proposer import NgramProposer
+
+        self.name = f"ngram[{min_n},{max_n}]"
+        cfg = SimpleNamespace(
+            speculative_config=SimpleNamespace(prompt_lookup_min=min_n, prompt_lookup_max=max_n,
+                                               num_speculative_tokens=k),
+            model_config=SimpleNamespace(max_model_len=max_model_len),
+            scheduler_config=SimpleNamespace(max_num_seqs=num_requests),
+            parallel_config=SimpleNamespace(tensor_parallel_size=1))
+        self.proposer = NgramProposer(cfg)
+        self.k = k
+
+    def propose(self, tokens, num_tokens, active, k):
+        sampled = [[0] if a else [] for a in active]
+        drafts = self.proposer.propose(k, sampled, num_tokens.astype(np.int32), tokens)
+        lens = np.array([len(d) for d in drafts], np.int32)
+        out = np.zeros((len(drafts), max(1, k)), np.int32)
+        for i, d in enumerate(drafts):
+            out[i, :len(d)] = d
+        return out, lens
+
+    def extra_stats(self):
+        return {}
+
+
+def replay(corpus: Corpus, drafter, k: int):
+    """Replays all requests concurrently (one drafter call per round). Returns per-request arrays."""
+    n = len(corpus.refs)
+    produced = np.minimum(1, corpus.out_len)  # the prefill step samples the first output token
+    steps = np.ones(n, np.int64)
+    drafted = np.zeros(n, np.int64)
+    accepted = np.zeros(n, np.int64)
+    active = produced < corpus.out_len
+    t0 = time.perf_counter()
+    while active.any():
+        num_tokens = corpus.prompt_len + produced
+        drafts, lens = drafter.propose(corpus.tokens, num_tokens, active, k)
+        for i in np.flatnonzero(active):
+            d = lens[i]
+            start = num_tokens[i]
+            ref = corpus.tokens[i, start:start + d]
+            match = 0
+            while match < d and drafts[i, match] == ref[match]:
+                match += 1
+            match = min(match, corpus.out_len[i] - produced[i] - 1)
+            drafted[i] += d
+            accepted[i] += match
+            produced[i] += match + 1
+            steps[i] += 1
+        active = produced < corpus.out_len
+    return dict(produced=produced, steps=steps, drafted=drafted, accepted=accepted,
+                seconds=time.perf_counter() - t0)
+
+
+def summarize(corpus: Corpus, res) -> dict:
+    by_cat = defaultdict(list)
+    for i, c in enumerate(corpus.categories):
+        by_cat[c].append(i)
+    by_cat["overall"] = list(range(len(corpus.categories)))
+
+    def agg(idx):
+        prod, steps = res["produced"][idx].sum(), res["steps"][idx].sum()
+        dr, ac = res["drafted"][idx].sum(), res["accepted"][idx].sum()
+        return {"mat": float(prod / steps), "acceptance_rate": float(ac / dr) if dr else 0.0,
+                "drafted_per_step": float(dr / steps), "output_tokens": int(prod), "steps": int(steps)}
+
+    return {c: agg(idx) for c, idx in sorted(by_cat.items())}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, nargs="+", default=[5, 8])
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--anpd", type=str, default="{}", help="JSON of AnpdParams overrides")
+    ap.add_argument("--out", type=str, default="replay")
+    args = ap.parse_args()
+    refs = load_references(args.max_tokens)
+    if args.limit:
+        refs = refs[: args.limit]
+    corpus = Corpus(refs)
+    overrides = json.loads(args.anpd)
+    results = {}
+    for k in args.k:
+        drafters = [AnpdDrafter(AnpdParams(num_speculative_tokens=k, **overrides), len(refs))]
+        for lo in (1, 2, 3):
+            for hi in (3, 4, 5):
+                drafters.append(VllmNgramDrafter(lo, hi, k, len(refs), corpus.tokens.shape[1] + k + 2))
+        for d in drafters:
+            res = replay(corpus, d, k)
+            results[f"k={k} {d.name}"] = {"summary": summarize(corpus, res), "stats": d.extra_stats(),
+                                          "replay_seconds": res["seconds"]}
+            s = results[f"k={k} {d.name}"]["summary"]["overall"]
+            print(f"k={k} {d.name:14s} MAT {s['mat']:.3f}  acc {s['acceptance_rate']:.3f}  "
+                  f"drafted/step {s['drafted_per_step']:.2f}  ({res['seconds']:.1f}s)", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    print(markdown(results))
+    (RESULTS / f"{args.out}.md").write_text(markdown(results))
+
+
+def markdown(results) -> str:
+    cats = sorted(next(iter(results.values()))["summary"].keys(), key=lambda c: (c == "overall", c))
+    lines = ["| run | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['summary'][c]['mat']:.3f}" for c in cats) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Proposer cost per engine step: ANPD (update + draft) versus vLLM's ``NgramProposer.propose``.
+
+    python benchmarks/step_cost.py [--contexts 1024 4096 16384 32768] [--batches 1 16 64 256] [--steps 20]
+
+Each request's context is real text (Spec-Bench prompts and reference outputs tiled, or random tokens if
+the references are not cached). ANPD first folds the context in (not timed, that is prefill); then each
+timed step appends two tokens per request (one accepted draft token + the bonus token) and drafts k = 8,
+as an engine step does. vLLM's ngram proposer rescans the context at every step. Median microseconds per
+step; writes ``benchmarks/results/step_cost.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_references import reference_path  # noqa: E402
+
+from vllm_anpd.core import AnpdParams, NgramTables  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+K = 8
+
+
+def text_stream(length: int) -> np.ndarray:
+    path = reference_path(256)
+    if path.exists():
+        seqs = [json.loads(line) for line in open(path)]
+        stream = np.concatenate([np.array(s["prompt_ids"] + s["output_ids"], np.int32) for s in seqs])
+    else:
+        stream = np.random.default_rng(0).integers(0, 49152, 1_000_000).astype(np.int32)
+    reps = -(-length // len(stream))
+    return np.tile(stream, reps)[:length]
+
+
+def make_batch(context: int, batch: int, steps: int) -> np.ndarray:
+    width = context + 2 * steps + 1
+    stream = text_stream(width + 997 * batch)
+    return np.stack([stream[997 * i: 997 * i + width] for i in range(batch)])
+
+
+def time_anpd(tokens, context, batch, steps):
+    tables = NgramTables(AnpdParams(num_speculative_tokens=K), num_slots=batch, max_batch=batch)
+    slots = np.array([tables.acquire() for _ in range(batch)], np.int32)
+    max_draft = np.full(batch, K, np.int32)
+    tables.step(tokens, np.full(batch, context, np.int32), slots, max_draft)  # prefill, not timed
+    times = []
+    for s in range(1, steps + 1):
+        n = np.full(batch, context + 2 * s, np.int32)
+        t0 = time.perf_counter()
+        tables.step(tokens, n, slots, max_draft)
+        times.append(time.perf_counter() - t0)
+    per_token = tables.bytes_in_use() / (batch * (context + 2 * steps))
+    return float(np.median(times) * 1e6), per_token
+
+
+def time_vllm_ngram(tokens, context, batch, steps):
+    from vllm.v1.spec_decode.ngram_proposer import NgramProposer
+
+    cfg = SimpleNamespace(
+        speculative_config=SimpleNamespace(prompt_lookup_min=2, prompt_lookup_max=5, num_speculative_tokens=K),
+        model_config=SimpleNamespace(max_model_len=tokens.shape[1] + K + 1),
+        scheduler_config=SimpleNamespace(max_num_seqs=batch),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1))
+    proposer = NgramProposer(cfg)
+    sampled = [[0]] * batch
+    times = []
+    for s in range(1, steps + 1):
+        n = np.full(batch, context + 2 * s, np.int32)
+        t0 = time.perf_counter()
+        proposer.propose(K, sampled, n, tokens)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e6)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--skip-vllm", action="store_true")
+    args = ap.parse_args()
+    rows = []
+    grid = [(c, b) for b in args.batches for c in args.contexts]
+    for context, batch in tqdm(grid, desc="step cost"):
+        tokens = make_batch(context, batch, args.steps)
+        anpd_us, bytes_per_token = time_anpd(tokens, context, batch, args.steps)
+        ngram_us = None if args.skip_vllm else time_vllm_ngram(tokens, context, batch, args.steps)
+        rows.append(dict(context=context, batch=batch, anpd_us=anpd_us, vllm_ngram_us=ngram_us,
+                         anpd_state_bytes_per_token=bytes_per_token))
+        del tokens
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "step_cost.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    md = ["| batch | context | ANPD us/step | vLLM ngram us/step | ngram / ANPD | ANPD state bytes/token |",
+          "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['vllm_ngram_us'] / r['anpd_us']:.1f}x" if r["vllm_ngram_us"] else "-"
+        ng = f"{r['vllm_ngram_us']:.0f}" if r["vllm_ngram_us"] else "-"
+        md.append(f"| {r['batch']} | {r['context']} | {r['anpd_us']:.0f} | {ng} | {ratio} | "
+                  f"{r['anpd_state_bytes_per_token']:.0f} |")
+    text = "\n".join(md) + "\n"
+    (RESULTS / "step_cost.md").write_text(text)
+    print(text)
+    plot(rows, RESULTS / "step_cost.png")
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    batches = sorted({r["batch"] for r in rows})
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(batches)))
+    for color, b in zip(colors, batches):
+        rs = sorted((r for r in rows if r["batch"] == b), key=lambda r: r["context"])
+        ax.plot([r["context"] for r in rs], [r["anpd_us"] for r in rs], "o-", color=color, label=f"ANPD, batch {b}")
+        if rs[0]["vllm_ngram_us"]:
+            ax.plot([r["context"] for r in rs], [r["vllm_ngram_us"] for r in rs], "s--", color=color,
+                    label=f"vLLM ngram, batch {b}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("proposer time per engine step (microseconds)")
+    ax.set_title("Proposer cost per step: ANPD (incremental tables) vs vLLM ngram (rescan)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

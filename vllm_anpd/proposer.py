@@ -1,0 +1,126 @@
+"""``AnpdProposer``: the vLLM-shaped proposer. Request lifecycle and buffers here; drafting in ``core``.
+
+vLLM builds it through the ``custom_class`` route (``"method": "anpd"`` is routed there by the plugin, or
+``{"method": "custom_class", "model": "vllm_anpd.AnpdProposer"}`` without the plugin) and calls
+``propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)`` once per engine step.
+
+Lifecycle, keyed by request id (rows move every step):
+* first step of a request: a slot is acquired and built from the prompt (inside the same kernel call);
+* every step: the tokens appended since the last step are folded in, then a draft is made;
+* partial prefill (empty ``sampled_token_ids[i]``): nothing is drafted and nothing is consumed;
+* preemption: the request leaves the batch but stays in the runner's ``requests``; its slot is kept;
+* finished or aborted: its id leaves the runner's ``requests``; its slot is released at the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from . import _vllm_compat
+from .core import NgramTables
+
+logger = logging.getLogger("vllm_anpd")
+
+
+class AnpdProposer:
+    def __init__(self, vllm_config):
+        spec = vllm_config.speculative_config
+        self.params = _vllm_compat.params_from_speculative_config(spec)
+        self.k = self.params.num_speculative_tokens
+        self.max_model_len = int(vllm_config.model_config.max_model_len)
+        max_num_seqs = int(vllm_config.scheduler_config.max_num_seqs)
+        self.tables = NgramTables(self.params, num_slots=max_num_seqs, max_batch=max_num_seqs)
+        self._slots = np.full(max_num_seqs, -1, np.int32)
+        self._max_draft = np.zeros(max_num_seqs, np.int32)
+        self._slot_of: dict[str, int] = {}
+        self._owner: dict[str, object] = {}  # request id -> the runner's state object it was built for
+        self._runner = _vllm_compat.find_constructing_runner()
+        if self._runner is None:
+            logger.warning("AnpdProposer built outside a vLLM model runner: requests are tracked by batch "
+                           "row, which keeps outputs exact but weakens drafts when rows move.")
+        self._warm_up(max_num_seqs)
+
+    def _warm_up(self, max_num_seqs: int) -> None:
+        """Compile (or load from numba's disk cache) the kernel with vLLM's dtypes before serving."""
+        tokens = np.zeros((max_num_seqs, 8), np.int32)
+        tokens[0, :6] = [1, 2, 3, 1, 2, 3]
+        slot = self.tables.acquire()
+        self._slots[:] = -1
+        self._slots[0] = slot
+        self._max_draft[:] = 0
+        self._max_draft[0] = 1
+        self.tables.step(tokens, np.full(max_num_seqs, 6, np.int32), self._slots, self._max_draft)
+        self.tables.release(slot)
+        self.tables.released_meta[:] = 0
+        self.tables.released_level_stats[:] = 0
+        self.tables.cell_stats[:] = 0
+
+    def load_model(self, *args, **kwargs) -> None:
+        """No model: the CPU runner calls this unconditionally."""
+
+    @property
+    def num_active_requests(self) -> int:
+        return len(self._slot_of)
+
+    def stats(self) -> dict:
+        return self.tables.stats()
+
+    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **_unused):
+        batch = len(sampled_token_ids)
+        if batch == 0:
+            return []
+        if batch > self._slots.shape[0]:
+            self._slots = np.full(batch, -1, np.int32)
+            self._max_draft = np.zeros(batch, np.int32)
+        req_ids = self._request_ids(batch)
+        self._release_finished()
+        slots = self._slots[:batch]
+        max_draft = self._max_draft[:batch]
+        num_tokens = np.asarray(num_tokens_no_spec)[:batch]
+        for i in range(batch):
+            if not sampled_token_ids[i]:  # partial prefill or discarded sample: nothing new, no draft
+                slots[i] = -1
+                continue
+            slots[i] = self._slot_for(req_ids[i])
+            # vLLM crashes on drafts longer than k, and a draft may not cross max_model_len.
+            max_draft[i] = max(0, min(self.k, self.max_model_len - int(num_tokens[i]) - 1))
+        drafts, lens = self.tables.step(token_ids_cpu, num_tokens, slots, max_draft)
+        return [drafts[i, :lens[i]].tolist() if lens[i] else [] for i in range(batch)]
+
+    # --- request lifecycle ---------------------------------------------------------------------------
+    def _request_ids(self, batch: int) -> list:
+        ids = _vllm_compat.batch_request_ids(self._runner) if self._runner is not None else None
+        if ids is None or len(ids) < batch:
+            return [("row", i) for i in range(batch)]
+        return ids
+
+    def _slot_for(self, req_id) -> int:
+        slot = self._slot_of.get(req_id)
+        if slot is None:
+            slot = self.tables.acquire()
+            self._slot_of[req_id] = slot
+            self._owner[req_id] = self._live_state(req_id)
+        return slot
+
+    def _live_state(self, req_id):
+        live = _vllm_compat.live_requests(self._runner) if self._runner is not None else None
+        return None if live is None else live.get(req_id)
+
+    def _release_finished(self) -> None:
+        """Release requests that left the runner, or whose id now names a new request (abort + resubmit)."""
+        if self._runner is None:
+            return
+        live = _vllm_compat.live_requests(self._runner)
+        if live is None:
+            return
+        gone = [rid for rid, owner in self._owner.items() if live.get(rid) is not owner]
+        for rid in gone:
+            self.release(rid)
+
+    def release(self, req_id) -> None:
+        slot = self._slot_of.pop(req_id, None)
+        self._owner.pop(req_id, None)
+        if slot is not None:
+            self.tables.release(slot)
