@@ -68,6 +68,7 @@ class AnpdProposer:
         return self.tables.stats()
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **_unused):
+        self._release_finished()
         batch = len(sampled_token_ids)
         if batch == 0:
             return []
@@ -75,7 +76,6 @@ class AnpdProposer:
             self._slots = np.full(batch, -1, np.int32)
             self._max_draft = np.zeros(batch, np.int32)
         req_ids = self._request_ids(batch)
-        self._release_finished()
         slots = self._slots[:batch]
         max_draft = self._max_draft[:batch]
         num_tokens = np.asarray(num_tokens_no_spec)[:batch]

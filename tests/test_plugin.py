@@ -1,0 +1,219 @@
+"""Plugin registration, config validation and the proposer's request lifecycle, without starting an engine."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import vllm.engine.arg_utils as arg_utils
+from vllm.config import SpeculativeConfig
+
+from vllm_anpd import _vllm_compat, plugin
+from vllm_anpd.core import AnpdParams, oracle
+from vllm_anpd.models import default_model_path
+from vllm_anpd.proposer import AnpdProposer
+
+
+# --- registration ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_plugin(monkeypatch):
+    """Plugin state as in a new process; the hooks are re-installed afterwards for the other tests."""
+    _vllm_compat.uninstall()
+    monkeypatch.setattr(plugin, "_warned", False)
+    yield
+    _vllm_compat.install()
+
+
+def test_register_installs_idempotently(fresh_plugin):
+    assert plugin.register() and plugin.register()
+    assert arg_utils.SpeculativeConfig is _vllm_compat.AnpdSpeculativeConfig
+
+
+def test_kill_switch_leaves_vllm_untouched(fresh_plugin, monkeypatch, caplog):
+    monkeypatch.setenv(plugin.DISABLE_ENV, "1")
+    with caplog.at_level(logging.WARNING, logger="vllm_anpd"):
+        assert not plugin.register() and not plugin.register()
+    assert arg_utils.SpeculativeConfig is SpeculativeConfig
+    assert sum("disabled" in r.message for r in caplog.records) == 1
+
+
+def test_unsupported_vllm_version_warns_once(fresh_plugin, monkeypatch, caplog):
+    monkeypatch.setattr(plugin, "_installed_vllm_version", lambda: "0.99.0")
+    with caplog.at_level(logging.WARNING, logger="vllm_anpd"):
+        assert not plugin.register() and not plugin.register()
+    assert arg_utils.SpeculativeConfig is SpeculativeConfig
+    msgs = [r.message for r in caplog.records if "0.99.0" in r.message]
+    assert len(msgs) == 1 and "0.32.0" in msgs[0]
+
+
+def test_entry_point_is_declared():
+    from importlib import metadata
+
+    eps = metadata.entry_points(group="vllm.general_plugins")
+    assert any(ep.value == "vllm_anpd.plugin:register" for ep in eps)
+
+
+# --- config ------------------------------------------------------------------------------------------
+
+def engine_config(spec: dict):
+    return arg_utils.EngineArgs(model=default_model_path(), speculative_config=spec,
+                                max_model_len=1024).create_engine_config()
+
+
+def test_anpd_method_routes_to_proposer_with_typed_options():
+    cfg = engine_config({"method": "anpd", "num_speculative_tokens": 6, "anpd_n_max": 4,
+                         "anpd_min_count": [1, 2, 2]})
+    spec = cfg.speculative_config
+    assert spec.method == "custom_class" and spec.model == _vllm_compat.PROPOSER_PATH
+    params = _vllm_compat.params_from_speculative_config(spec)
+    assert params == AnpdParams(num_speculative_tokens=6, n_max=4, min_count=(1, 2, 2))
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("anpd_n_min", 0, "anpd_n_min=0"),
+    ("anpd_n_max", 1, "anpd_n_max=1"),
+    ("anpd_min_count", 0, "anpd_min_count"),
+    ("anpd_min_share", 2.0, "anpd_min_share"),
+    ("anpd_stop_probability", 1.5, "anpd_stop_probability=1.5"),
+    ("anpd_max_entries_per_request", -5, "anpd_max_entries_per_request=-5"),
+    ("anpd_n_max", "five", "anpd_n_max"),
+    ("anpd_bogus", 1, "anpd_bogus"),
+])
+def test_bad_options_fail_naming_field_and_value(key, value, needle):
+    with pytest.raises(Exception, match=needle):
+        engine_config({"method": "anpd", "num_speculative_tokens": 4, key: value})
+
+
+def test_anpd_options_with_another_method_are_rejected():
+    with pytest.raises(Exception, match="anpd_n_max.*method"):
+        engine_config({"method": "ngram", "num_speculative_tokens": 4, "anpd_n_max": 3})
+
+
+def test_zero_patch_custom_class_route():
+    spec = engine_config({"method": "custom_class", "model": "vllm_anpd.AnpdProposer",
+                          "num_speculative_tokens": 3}).speculative_config
+    assert spec.method == "custom_class"
+    assert _vllm_compat.params_from_speculative_config(spec).num_speculative_tokens == 3
+
+
+# --- proposer lifecycle (a fake runner stands in for vLLM's) ------------------------------------------
+
+def fake_vllm_config(k=4, max_model_len=64, max_num_seqs=4, **anpd):
+    spec = SimpleNamespace(num_speculative_tokens=k, **{f"anpd_{n}": v for n, v in anpd.items()})
+    return SimpleNamespace(speculative_config=spec, model_config=SimpleNamespace(max_model_len=max_model_len),
+                           scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs))
+
+
+class FakeRunner:
+    """What the proposer reads: input_batch.req_ids (row -> id) and requests (live ids, preempted included)."""
+
+    def __init__(self):
+        self.input_batch = SimpleNamespace(req_ids=[])
+        self.requests = {}
+
+
+def make_proposer(**kw):
+    p = AnpdProposer(fake_vllm_config(**kw))
+    runner = FakeRunner()
+    p._runner = runner
+    return p, runner
+
+
+class Batch:
+    """Builds the arrays vLLM passes: token rows, lengths, sampled ids (empty = partial prefill)."""
+
+    def __init__(self, width=64):
+        self.width = width
+
+    def __call__(self, contexts, sampled=None):
+        rows = np.zeros((max(4, len(contexts)), self.width), np.int32)
+        for i, c in enumerate(contexts):
+            rows[i, :len(c)] = c
+        n = np.zeros(rows.shape[0], np.int32)
+        n[:len(contexts)] = [len(c) for c in contexts]
+        sampled = sampled if sampled is not None else [[c[-1]] for c in contexts]
+        return sampled, n, rows
+
+
+CTX_A = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
+CTX_B = [7, 8, 9, 7, 8, 9, 7]
+
+
+def test_state_follows_request_ids_when_rows_move():
+    p, runner = make_proposer()
+    batch = Batch()
+    runner.requests = {"a": object(), "b": object()}
+    runner.input_batch.req_ids = ["a", "b"]
+    assert p.propose(*batch([CTX_A, CTX_B])) == [oracle.draft(CTX_A, p.params, 4), oracle.draft(CTX_B, p.params, 4)]
+    # Rows swap (vLLM's condense / swap_states); contexts grow.
+    a2, b2 = CTX_A + [3, 4], CTX_B + [8, 9]
+    runner.input_batch.req_ids = ["b", "a"]
+    assert p.propose(*batch([b2, a2])) == [oracle.draft(b2, p.params, 4), oracle.draft(a2, p.params, 4)]
+    assert p.num_active_requests == 2
+
+
+def test_partial_prefill_and_length_limit():
+    p, runner = make_proposer(max_model_len=12)
+    batch = Batch()
+    runner.requests = {"a": object(), "b": object()}
+    runner.input_batch.req_ids = ["a", "b"]
+    drafts = p.propose(*batch([CTX_A, CTX_B], sampled=[[2], []]))
+    assert drafts[1] == []  # partial prefill: no draft
+    assert len(drafts[0]) == 12 - len(CTX_A) - 1  # clipped to max_model_len - num_tokens - 1
+    assert p.propose(*batch([CTX_A + [3]], sampled=[[3]]))[0][:0] == []
+
+
+def test_preempted_request_keeps_state_finished_is_released():
+    p, runner = make_proposer()
+    batch = Batch()
+    runner.requests = {"a": object(), "b": object()}
+    runner.input_batch.req_ids = ["a", "b"]
+    p.propose(*batch([CTX_A, CTX_B]))
+    slot_a = p._slot_of["a"]
+    # "a" is preempted: out of the batch, still in requests. "b" finishes.
+    del runner.requests["b"]
+    runner.input_batch.req_ids = ["c"]
+    runner.requests["c"] = object()
+    p.propose(*batch([[5, 6, 5]]))
+    assert "b" not in p._slot_of and p._slot_of["a"] == slot_a
+    # "a" resumes with its context grown; its tables were kept, so the draft matches the oracle.
+    a2 = CTX_A + [3, 4, 1]
+    runner.input_batch.req_ids = ["a", "c"]
+    assert p.propose(*batch([a2, [5, 6, 5, 6]]))[0] == oracle.draft(a2, p.params, 4)
+    runner.requests.clear()
+    runner.input_batch.req_ids = []
+    p.propose(*batch([]))
+    assert p.num_active_requests == 0 and p.tables.num_active == 0
+
+
+def test_resubmitted_id_is_a_new_request():
+    p, runner = make_proposer()
+    batch = Batch()
+    runner.requests = {"a": object()}
+    runner.input_batch.req_ids = ["a"]
+    p.propose(*batch([CTX_A]))
+    runner.requests = {"a": object()}  # aborted and resubmitted with the same id: a new state object
+    ctx = [4, 4, 5, 4, 4, 5, 4, 4, 5, 4, 4]  # longer than CTX_A, so no shrink would reveal it
+    assert p.propose(*batch([ctx]))[0] == oracle.draft(ctx, p.params, 4)
+
+
+def test_two_proposers_fed_the_same_steps_draft_identically():
+    """What tensor-parallel ranks rely on: no timing, hashing seed or address in the drafts."""
+    rng = np.random.default_rng(3)
+    streams = [rng.integers(0, 6, 60).tolist() for _ in range(3)]
+    outs = []
+    for _ in range(2):
+        p, runner = make_proposer(k=5, max_model_len=128, stop_probability=0.2)
+        runner.requests = {i: object() for i in range(3)}
+        runner.input_batch.req_ids = [0, 1, 2]
+        batch = Batch(width=128)
+        seq = []
+        for n in range(10, 60, 3):
+            seq.append(p.propose(*batch([s[:n] for s in streams])))
+        outs.append(seq)
+    assert outs[0] == outs[1]
+    assert any(any(d) for step in outs[0] for d in step)
