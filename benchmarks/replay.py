@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_references import reference_path  # noqa: E402
 
-from vllm_anpd.core import AnpdParams, NgramTables  # noqa: E402
+from vllm_anpd.core import AnpdParams, BatchBudget, NgramTables  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,10 +61,13 @@ class AnpdDrafter:
         self.params = params
         self.tables = NgramTables(params, num_slots=num_requests, max_batch=num_requests)
         self.slot_ids = np.array([self.tables.acquire() for _ in range(num_requests)], np.int32)
+        self.budget = BatchBudget(params)
 
     def propose(self, tokens, num_tokens, active, k):
         slots = np.where(active, self.slot_ids, -1).astype(np.int32)
-        drafts, lens = self.tables.step(tokens, num_tokens, slots, np.full(len(slots), k, np.int32))
+        stop = self.budget.stop_probability(int(active.sum()), self.tables)
+        drafts, lens = self.tables.step(tokens, num_tokens, slots, np.full(len(slots), k, np.int32), stop)
+        self.budget.drafted(int(lens.sum()))
         return drafts, lens
 
     def extra_stats(self):
@@ -100,19 +103,33 @@ class VllmNgramDrafter:
         return {}
 
 
-def replay(corpus: Corpus, drafter, k: int):
-    """Replays all requests concurrently (one drafter call per round). Returns per-request arrays."""
+def replay(corpus: Corpus, drafter, k: int, batch: int = 0, cost=(1.0, 0.0)):
+    """Replays all requests with continuous batching (``batch`` concurrent, 0 = all at once), one drafter
+    call per engine step. ``cost = (a, b)`` models the target's step time as ``a + b x tokens``: the modelled
+    time with speculation and without it (one token per request per step) give a modelled speedup."""
     n = len(corpus.refs)
+    batch = batch or n
     produced = np.minimum(1, corpus.out_len)  # the prefill step samples the first output token
     steps = np.ones(n, np.int64)
     drafted = np.zeros(n, np.int64)
     accepted = np.zeros(n, np.int64)
-    active = produced < corpus.out_len
+    admitted = np.zeros(n, bool)
+    admitted[:batch] = True
+    a, b = cost
+    modelled_time = 0.0
     t0 = time.perf_counter()
-    while active.any():
+    while True:
+        active = admitted & (produced < corpus.out_len)
+        if not active.any():
+            if admitted.all():
+                break
+            admitted[np.flatnonzero(~admitted)[:batch]] = True
+            continue
         num_tokens = corpus.prompt_len + produced
         drafts, lens = drafter.propose(corpus.tokens, num_tokens, active, k)
-        for i in np.flatnonzero(active):
+        idx = np.flatnonzero(active)
+        modelled_time += a + b * (len(idx) + int(lens[idx].sum()))
+        for i in idx:
             d = lens[i]
             start = num_tokens[i]
             ref = corpus.tokens[i, start:start + d]
@@ -124,9 +141,30 @@ def replay(corpus: Corpus, drafter, k: int):
             accepted[i] += match
             produced[i] += match + 1
             steps[i] += 1
-        active = produced < corpus.out_len
+            if produced[i] >= corpus.out_len[i]:  # finished: the next waiting request joins
+                waiting = np.flatnonzero(~admitted)
+                if len(waiting):
+                    admitted[waiting[0]] = True
     return dict(produced=produced, steps=steps, drafted=drafted, accepted=accepted,
-                seconds=time.perf_counter() - t0)
+                seconds=time.perf_counter() - t0, modelled_time=modelled_time,
+                modelled_baseline=baseline_time(corpus, batch, cost))
+
+
+def baseline_time(corpus: Corpus, batch: int, cost) -> float:
+    """Modelled time without speculation: one token per request per step, same continuous batching."""
+    remaining = list(np.maximum(corpus.out_len - 1, 0))
+    a, b = cost
+    total, active, nxt = 0.0, [], 0
+    while True:
+        while len(active) < batch and nxt < len(remaining):
+            if remaining[nxt] > 0:
+                active.append(remaining[nxt])
+            nxt += 1
+        if not active:
+            return total
+        step = min(active)  # steps until the next request finishes: batch size is constant meanwhile
+        total += step * (a + b * len(active))
+        active = [r - step for r in active if r > step]
 
 
 def summarize(corpus: Corpus, res) -> dict:
@@ -144,12 +182,27 @@ def summarize(corpus: Corpus, res) -> dict:
     return {c: agg(idx) for c, idx in sorted(by_cat.items())}
 
 
+def run_one(corpus, drafter, k, batch, cost):
+    res = replay(corpus, drafter, k, batch, cost)
+    out = {"summary": summarize(corpus, res), "stats": drafter.extra_stats(), "replay_seconds": res["seconds"],
+           "modelled_speedup": res["modelled_baseline"] / res["modelled_time"]}
+    s = out["summary"]["overall"]
+    print(f"k={k} batch={batch or 'all'} {drafter.name:14s} MAT {s['mat']:.3f}  acc {s['acceptance_rate']:.3f}  "
+          f"drafted/step {s['drafted_per_step']:.2f}  modelled speedup {out['modelled_speedup']:.3f}  "
+          f"({res['seconds']:.1f}s)", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, nargs="+", default=[5, 8])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1], help="concurrent requests (continuous batching)")
+    ap.add_argument("--cost", type=float, nargs=2, default=[1.0, 0.0], metavar=("A", "B"),
+                    help="target step time model a + b x tokens (benchmarks/results/cost_model.json)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--anpd", type=str, default="{}", help="JSON of AnpdParams overrides")
+    ap.add_argument("--no-ngram", action="store_true", help="skip vLLM's ngram grid")
     ap.add_argument("--out", type=str, default="replay")
     args = ap.parse_args()
     refs = load_references(args.max_tokens)
@@ -159,17 +212,15 @@ def main():
     overrides = json.loads(args.anpd)
     results = {}
     for k in args.k:
-        drafters = [AnpdDrafter(AnpdParams(num_speculative_tokens=k, **overrides), len(refs))]
-        for lo in (1, 2, 3):
-            for hi in (3, 4, 5):
-                drafters.append(VllmNgramDrafter(lo, hi, k, len(refs), corpus.tokens.shape[1] + k + 2))
-        for d in drafters:
-            res = replay(corpus, d, k)
-            results[f"k={k} {d.name}"] = {"summary": summarize(corpus, res), "stats": d.extra_stats(),
-                                          "replay_seconds": res["seconds"]}
-            s = results[f"k={k} {d.name}"]["summary"]["overall"]
-            print(f"k={k} {d.name:14s} MAT {s['mat']:.3f}  acc {s['acceptance_rate']:.3f}  "
-                  f"drafted/step {s['drafted_per_step']:.2f}  ({res['seconds']:.1f}s)", flush=True)
+        for batch in args.batch:
+            anpd = AnpdDrafter(AnpdParams(num_speculative_tokens=k, **overrides), len(refs))
+            results[f"k={k} b={batch} anpd"] = run_one(corpus, anpd, k, batch, args.cost)
+            if args.no_ngram:
+                continue
+            for lo in (1, 2, 3):
+                for hi in (3, 4, 5):
+                    d = VllmNgramDrafter(lo, hi, k, len(refs), corpus.tokens.shape[1] + k + 2)
+                    results[f"k={k} b={batch} {d.name}"] = run_one(corpus, d, k, batch, args.cost)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     print(markdown(results))

@@ -48,6 +48,7 @@ class AnpdSpeculativeConfig(SpeculativeConfig):
     anpd_min_count: int | list[int] = _default("min_count")
     anpd_min_share: float | list[float] = _default("min_share")
     anpd_stop_probability: float = _default("stop_probability")
+    anpd_verify_cost: float = _default("verify_cost")
     anpd_max_entries_per_request: int = _default("max_entries_per_request")
 
     def __post_init__(self):
@@ -130,6 +131,11 @@ def batch_request_ids(runner) -> list | None:
     return None if batch is None else batch.req_ids
 
 
+def batch_prompt_lengths(runner):
+    """Prompt length of each batch row: ``runner.input_batch.num_prompt_tokens``."""
+    return runner.input_batch.num_prompt_tokens
+
+
 def live_requests(runner) -> dict | None:
     """``runner.requests``: request id -> ``CachedRequestState`` for every unfinished request, preempted
     ones included; ``GPUModelRunner._update_states`` pops finished ids before the step's drafting."""
@@ -147,3 +153,31 @@ def drafter_stats(worker) -> dict | None:
     stats = drafter.stats()
     stats["tracked_requests"] = drafter.num_active_requests
     return stats
+
+
+def time_drafter(worker) -> bool:
+    """For ``LLM.collective_rpc``: wrap this worker's drafter's ``propose`` (on the instance, not the class)
+    to accumulate its wall time; ``drafter_seconds`` reads it. Works for any proposer (ngram, suffix, anpd)."""
+    import time
+
+    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    if drafter is None or getattr(drafter, "_anpd_timed", False):
+        return drafter is not None
+    inner = drafter.propose
+    drafter._anpd_seconds = 0.0
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            drafter._anpd_seconds += time.perf_counter() - t0
+
+    drafter.propose = timed
+    drafter._anpd_timed = True
+    return True
+
+
+def drafter_seconds(worker) -> float | None:
+    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    return getattr(drafter, "_anpd_seconds", None)

@@ -19,7 +19,7 @@ import logging
 import numpy as np
 
 from . import _vllm_compat
-from .core import NgramTables
+from .core import BatchBudget, NgramTables
 
 logger = logging.getLogger("vllm_anpd")
 
@@ -32,6 +32,7 @@ class AnpdProposer:
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         max_num_seqs = int(vllm_config.scheduler_config.max_num_seqs)
         self.tables = NgramTables(self.params, num_slots=max_num_seqs, max_batch=max_num_seqs)
+        self.budget = BatchBudget(self.params)
         self._slots = np.full(max_num_seqs, -1, np.int32)
         self._max_draft = np.zeros(max_num_seqs, np.int32)
         self._slot_of: dict[str, int] = {}
@@ -56,6 +57,7 @@ class AnpdProposer:
         self.tables.released_meta[:] = 0
         self.tables.released_level_stats[:] = 0
         self.tables.cell_stats[:] = 0
+        self.budget = BatchBudget(self.params)
 
     def load_model(self, *args, **kwargs) -> None:
         """No model: the CPU runner calls this unconditionally."""
@@ -86,7 +88,9 @@ class AnpdProposer:
             slots[i] = self._slot_for(req_ids[i])
             # vLLM crashes on drafts longer than k, and a draft may not cross max_model_len.
             max_draft[i] = max(0, min(self.k, self.max_model_len - int(num_tokens[i]) - 1))
-        drafts, lens = self.tables.step(token_ids_cpu, num_tokens, slots, max_draft)
+        stop_probability = self.budget.stop_probability(int((slots >= 0).sum()), self.tables)
+        drafts, lens = self.tables.step(token_ids_cpu, num_tokens, slots, max_draft, stop_probability)
+        self.budget.drafted(int(lens.sum()))
         return [drafts[i, :lens[i]].tolist() if lens[i] else [] for i in range(batch)]
 
     # --- request lifecycle ---------------------------------------------------------------------------

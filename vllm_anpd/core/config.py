@@ -42,6 +42,13 @@ class AnpdParams:
     Adaptive length: each drafted token gets an estimated acceptance probability from its level and
     count (learned online from what the target model accepted); the draft stops once the probability
     that the whole draft so far is accepted falls below ``stop_probability``. ``0`` disables this.
+
+    Batch-aware budget: ``verify_cost`` is the target's cost of verifying one more token, relative to the
+    fixed cost of an engine step (``b / a`` in ``step time = a + b x tokens``; near 0 on a GPU at small
+    batch, large on a CPU or a compute-bound GPU batch). A draft token with path probability ``P`` raises
+    throughput only if ``P > (B + A) / (B + D + 1 / verify_cost)`` for a batch of ``B`` requests expected to
+    accept ``A`` of ``D`` draft tokens; the proposer raises the stop probability to that bound each step.
+    ``0`` disables it.
     """
 
     num_speculative_tokens: int = 8
@@ -50,6 +57,7 @@ class AnpdParams:
     min_count: tuple = 1
     min_share: tuple = 0.0
     stop_probability: float = 0.0
+    verify_cost: float = 0.0
     max_entries_per_request: int = 0  # 0: tables grow with the context (bounded by max_model_len)
 
     def __post_init__(self):
@@ -73,6 +81,10 @@ class AnpdParams:
         p = self.stop_probability
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ValueError(f"stop_probability={p!r}: must be a number in [0.0, 1.0)")
+        c = self.verify_cost
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 <= c <= 1000.0:
+            raise ValueError(f"verify_cost={c!r}: must be a number in [0.0, 1000.0]")
+        object.__setattr__(self, "verify_cost", float(c))
         object.__setattr__(self, "min_count", min_count)
         object.__setattr__(self, "min_share", min_share)
         object.__setattr__(self, "stop_probability", float(p))

@@ -1,0 +1,1 @@
+"""Benchmark-only helpers that must be importable inside vLLM's worker processes."""
