@@ -250,3 +250,41 @@ def test_invalid_params_name_field_and_value(kwargs, needle):
 def test_per_level_thresholds():
     p = AnpdParams(n_min=2, n_max=4, min_count=[1, 2, 3], min_share=0.5)
     assert p.min_count == (1, 2, 3) and p.min_share == (0.5, 0.5, 0.5)
+
+
+# --- cross-request table -----------------------------------------------------------------------------
+
+def test_cross_request_table_drafts_from_earlier_outputs():
+    p = AnpdParams(num_speculative_tokens=3, n_min=2, n_max=3, cross_request_entries=1000, cross_min_count=2)
+    t = make_tables(p)
+    a = t.acquire()
+    prompt = [50, 51]
+    out = [7, 8, 9, 7, 8, 9, 7, 8, 9]
+    run_single(t, a, prompt, 0)
+    for i in range(1, len(out) + 1):  # generated tokens arrive step by step
+        run_single(t, a, prompt + out[:i], 0)
+    t.release(a)
+    b = t.acquire()
+    # Request b never saw 7 -> 8 itself; the shared table did (three times). Its prompt is not shared.
+    assert run_single(t, b, [60, 61, 7], 3) == [8, 9, 7]
+    assert t.stats()["per_level"]["n=2 (cross-request)"]["drafted"] + \
+        t.stats()["per_level"]["n=3 (cross-request)"]["drafted"] == 3
+    c = t.acquire()
+    assert run_single(t, c, [60, 61, 50], 3) == []  # prompts (50 -> 51) are not shared
+
+
+def test_cross_request_table_is_bounded():
+    p = AnpdParams(num_speculative_tokens=3, cross_request_entries=200)
+    t = make_tables(p)
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        s = t.acquire()
+        ctx = rng.integers(0, 5000, 10).tolist()
+        run_single(t, s, ctx, 0)
+        for step in range(60):
+            ctx = ctx + rng.integers(0, 5000, 2).tolist()
+            run_single(t, s, ctx, 3)
+            assert t.stats()["cross_request"]["entries"] <= 200
+        t.release(s)
+    assert t.stats()["cross_request"]["clears"] > 0
+    assert t.num_active == 0

@@ -50,6 +50,8 @@ class AnpdSpeculativeConfig(SpeculativeConfig):
     anpd_stop_probability: float = _default("stop_probability")
     anpd_verify_cost: float = _default("verify_cost")
     anpd_max_entries_per_request: int = _default("max_entries_per_request")
+    anpd_cross_request_entries: int = _default("cross_request_entries")
+    anpd_cross_min_count: int = _default("cross_min_count")
 
     def __post_init__(self):
         options = {name: getattr(self, OPTION_PREFIX + name) for name in _PARAM_FIELDS}

@@ -49,6 +49,11 @@ class AnpdParams:
     throughput only if ``P > (B + A) / (B + D + 1 / verify_cost)`` for a batch of ``B`` requests expected to
     accept ``A`` of ``D`` draft tokens; the proposer raises the stop probability to that bound each step.
     ``0`` disables it.
+
+    Cross-request table: the tokens that requests generate are also counted in one table shared by all
+    requests (bounded by ``cross_request_entries`` n-gram entries, cleared and restarted when full); a draft
+    token comes from it only when none of the request's own levels passes the gate, and only if its top
+    successor was seen ``cross_min_count`` times. Helps repeated templates, answers and code across requests.
     """
 
     num_speculative_tokens: int = 8
@@ -59,6 +64,8 @@ class AnpdParams:
     stop_probability: float = 0.0
     verify_cost: float = 0.0
     max_entries_per_request: int = 0  # 0: tables grow with the context (bounded by max_model_len)
+    cross_request_entries: int = 0  # 0: off; else the bound of the table shared across requests
+    cross_min_count: int = 2  # the shared table's gate: a successor seen at least this often
 
     def __post_init__(self):
         def check_int(name, value, lo, hi):
@@ -69,6 +76,8 @@ class AnpdParams:
         check_int("n_min", self.n_min, 1, MAX_NGRAM)
         check_int("n_max", self.n_max, self.n_min, MAX_NGRAM)
         check_int("max_entries_per_request", self.max_entries_per_request, 0, 2**30)
+        check_int("cross_request_entries", self.cross_request_entries, 0, 2**30)
+        check_int("cross_min_count", self.cross_min_count, 1, 2**30)
         levels = self.num_levels
         min_count = _as_tuple("min_count", self.min_count, levels, _strict_int("min_count"))
         min_share = _as_tuple("min_share", self.min_share, levels, float)

@@ -33,7 +33,8 @@ META_DRAFTED = 6  # draft tokens proposed
 META_ACCEPTED = 7  # draft tokens accepted by the target model
 META_GATE_STOPS = 8  # drafts cut short by the confidence gate (a key matched, no level passed the gate)
 META_PROB_STOPS = 9  # drafts cut short by the adaptive stop probability
-META_COLUMNS = 10
+META_CLEARS = 10  # cross-request table only: times it was cleared on reaching its bound
+META_COLUMNS = 11
 
 # --- acceptance-probability cells: (level, count bucket, share bucket) ------------------------------
 COUNT_BUCKETS = 6  # top count 1, 2-3, 4-7, 8-15, 16-31, 32+
@@ -273,41 +274,56 @@ def _feedback(s, row, start, end, last_draft, last_cell, meta, calib, level_stat
 
 
 @njit(cache=True)
-def _draft(s, r, row, num_tokens, k, n_min, n_max, min_count, min_share, stop_probability,
+def _lookup(kfp, kstat, buf, blen, n_min, n_max, min_count, min_share):
+    """Highest level whose key (the last n-1 tokens of ``buf[:blen]``) is in the table and passes the gate.
+
+    Returns ``(level index or -1, top token, top count, total count, whether any key matched)``.
+    """
+    matched = False
+    for lv in range(n_max - n_min, -1, -1):
+        m = n_min + lv - 1
+        if m > blen:
+            continue
+        ki = _probe(kfp, key_fingerprint(buf, blen - m, m))
+        if ki < 0:
+            continue
+        matched = True
+        top_count = kstat[ki, 1]
+        total = kstat[ki, 2]
+        if top_count < min_count[lv] or top_count < min_share[lv] * total:
+            continue
+        return lv, kstat[ki, 0], top_count, total, True
+    return -1, 0, 0, 0, matched
+
+
+@njit(cache=True)
+def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cross_min_count, stop_probability,
            key_fp, key_stat, last_draft, last_cell, meta, calib, level_stats, cell_stats, buf, out):
-    """Chain up to ``k`` tokens after ``row[:num_tokens]`` into ``out[r]``; returns the draft length."""
+    """Chain up to ``k`` tokens after ``row[:num_tokens]`` into ``out[r]``; returns the draft length.
+
+    Each token comes from the request's own tables (slot ``s``) or, when none of its levels passes the gate,
+    from the cross-request table (slot ``g``, if ``g >= 0``) with its own minimum count. Levels of the
+    cross-request table are numbered after the request's own in the statistics.
+    """
+    num_levels = n_max - n_min + 1
     ctx = min(num_tokens, n_max - 1)
     for i in range(ctx):
         buf[i] = row[num_tokens - ctx + i]
     blen = ctx
-    kfp = key_fp[s]
-    kstat = key_stat[s]
     path_p = 1.0
     # Per-request calibration: how this request's recent acceptance compares with the global estimate.
     ratio = (calib[s, 1] + 1.0) / (calib[s, 0] + 1.0)
     ratio = min(max(ratio, 0.25), 2.0)
     n_out = 0
     for j in range(k):
-        level = -1
-        matched = False
-        top = 0
-        top_count = 0
-        total = 0
-        for lv in range(n_max - n_min, -1, -1):
-            m = n_min + lv - 1
-            if m > blen:
-                continue
-            ki = _probe(kfp, key_fingerprint(buf, blen - m, m))
-            if ki < 0:
-                continue
-            matched = True
-            top_count = kstat[ki, 1]
-            total = kstat[ki, 2]
-            if top_count < min_count[lv] or top_count < min_share[lv] * total:
-                continue
-            top = kstat[ki, 0]
-            level = lv
-            break
+        level, top, top_count, total, matched = _lookup(key_fp[s], key_stat[s], buf, blen, n_min, n_max,
+                                                        min_count, min_share)
+        if level < 0 and g >= 0:
+            lv, top, top_count, total, cross_matched = _lookup(key_fp[g], key_stat[g], buf, blen, n_min, n_max,
+                                                               cross_min_count, min_share)
+            matched = matched or cross_matched
+            if lv >= 0:
+                level = num_levels + lv
         if level < 0:
             if matched:
                 meta[s, META_GATE_STOPS] += 1
@@ -348,9 +364,9 @@ def reset_slot(s, key_fp, key_stat, pair_fp, pair_cnt, meta, calib, level_stats,
 
 
 @njit(cache=True)
-def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count, min_share,
-               stop_probability, max_entries, key_fp, key_stat, pair_fp, pair_cnt, meta, calib,
-               level_stats, cell_stats, last_draft, last_cell, out_drafts, out_lens):
+def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count, min_share, cross_slot,
+               cross_min_count, cross_max_entries, stop_probability, max_entries, key_fp, key_stat, pair_fp,
+               pair_cnt, meta, calib, level_stats, cell_stats, last_draft, last_cell, out_drafts, out_lens):
     """One engine step for a batch: fold new tokens into each request's tables, then draft.
 
     Row ``r`` of the batch is request slot ``slots[r]`` whose context is ``token_ids[r, :num_tokens[r]]``
@@ -358,8 +374,13 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
     ``max_draft[r]`` tokens are drafted (0 still updates the tables). Writes ``out_drafts[r, :len]`` and
     ``out_lens[r]``. A context shorter than what the slot already consumed means a different request in
     the slot or rewritten history: the slot is rebuilt from the row.
+
+    ``cross_slot >= 0`` is the cross-request table: every generated token (not the prompt, which the
+    request's own table holds) is also folded into it, so later requests can draft from earlier outputs.
+    When it reaches ``cross_max_entries`` it is cleared and starts again (bounded memory, recent content).
     """
     buf = np.empty(n_max - 1 + out_drafts.shape[1], np.int32)
+    g = cross_slot
     for r in range(slots.size):
         out_lens[r] = 0
         s = slots[r]
@@ -374,10 +395,26 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
         if n > start:
             _feedback(s, row, start, n, last_draft, last_cell, meta, calib, level_stats, cell_stats)
             _consume(s, row, start, n, n_min, n_max, key_fp, key_stat, pair_fp, pair_cnt, meta, max_entries)
+            if g >= 0 and start > 0:
+                if meta[g, META_KEYS] + (n - start) * (n_max - n_min + 1) > cross_max_entries:
+                    _clear_tables(g, key_fp, key_stat, pair_fp, pair_cnt, meta)
+                _consume(g, row, start, n, n_min, n_max, key_fp, key_stat, pair_fp, pair_cnt, meta,
+                         cross_max_entries)
         k = min(max_draft[r], out_drafts.shape[1])
         if k <= 0 or n <= 0:
             meta[s, META_LAST_DRAFT_LEN] = 0
             continue
-        out_lens[r] = _draft(s, r, row, n, k, n_min, n_max, min_count, min_share, stop_probability,
-                             key_fp, key_stat, last_draft, last_cell, meta, calib, level_stats,
-                             cell_stats, buf, out_drafts)
+        out_lens[r] = _draft(s, g, r, row, n, k, n_min, n_max, min_count, min_share, cross_min_count,
+                             stop_probability, key_fp, key_stat, last_draft, last_cell, meta, calib,
+                             level_stats, cell_stats, buf, out_drafts)
+
+
+@njit(cache=True)
+def _clear_tables(s, key_fp, key_stat, pair_fp, pair_cnt, meta):
+    key_fp[s][:] = 0
+    key_stat[s][:] = 0
+    pair_fp[s][:] = 0
+    pair_cnt[s][:] = 0
+    meta[s, META_KEYS] = 0
+    meta[s, META_PAIRS] = 0
+    meta[s, META_CLEARS] += 1

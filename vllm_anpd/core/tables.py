@@ -46,17 +46,22 @@ class NgramTables:
         self.pair_cnt = List()
         self.meta = np.zeros((0, K.META_COLUMNS), np.int64)
         self.calib = np.zeros((0, 2), np.float64)
-        self.level_stats = np.zeros((0, params.num_levels, 2), np.int64)
+        # Per slot and level: drafted, accepted. Levels 0..L-1 are the request's own tables, L..2L-1 the
+        # cross-request table's.
+        self.level_stats = np.zeros((0, 2 * params.num_levels, 2), np.int64)
         self.last_draft = np.zeros((0, params.num_speculative_tokens), np.int32)
         self.last_cell = np.zeros((0, params.num_speculative_tokens), np.int32)
         # Acceptance statistics per (level, count bucket, share bucket), shared by all requests: they
         # describe the model and the workload, not one request. Columns: reached, accepted.
-        self.cell_stats = np.zeros((params.num_levels * K.CELLS_PER_LEVEL, 2), np.int64)
+        self.cell_stats = np.zeros((2 * params.num_levels * K.CELLS_PER_LEVEL, 2), np.int64)
         # Statistics of released requests, so totals survive the slots.
         self.released_meta = np.zeros(K.META_COLUMNS, np.int64)
-        self.released_level_stats = np.zeros((params.num_levels, 2), np.int64)
+        self.released_level_stats = np.zeros((2 * params.num_levels, 2), np.int64)
         self._free: list[int] = []
-        self._grow_slots(num_slots)
+        self._grow_slots(num_slots + (1 if params.cross_request_entries else 0))
+        self._min_count_cross = np.full(params.num_levels, params.cross_min_count, np.int32)
+        # The cross-request table is a slot like the others, never released.
+        self.cross_slot = self._free.pop() if params.cross_request_entries else -1
         self._out_drafts = np.zeros((max_batch, params.num_speculative_tokens), np.int32)
         self._out_lens = np.zeros(max_batch, np.int32)
 
@@ -67,7 +72,8 @@ class NgramTables:
 
     @property
     def num_active(self) -> int:
-        return self.num_slots - len(self._free)
+        """Slots held by requests (the cross-request table's slot is not counted)."""
+        return self.num_slots - len(self._free) - (self.cross_slot >= 0)
 
     def acquire(self) -> int:
         """A clean slot for a new request."""
@@ -77,7 +83,7 @@ class NgramTables:
 
     def release(self, slot: int) -> None:
         """Forget the request in ``slot``: its tables are erased and shrunk back, its stats kept in totals."""
-        if not 0 <= slot < self.num_slots or slot in self._free:
+        if not 0 <= slot < self.num_slots or slot in self._free or slot == self.cross_slot:
             raise ValueError(f"slot={slot!r}: not an acquired slot")
         self.released_meta += self.meta[slot]
         self.released_level_stats += self.level_stats[slot]
@@ -126,7 +132,8 @@ class NgramTables:
             token_ids = self._as_int32_tokens(token_ids)
         p = self.params
         K.step_batch(token_ids, num_tokens, slots, max_draft, p.n_min, p.n_max, self._min_count,
-                     self._min_share, p.stop_probability if stop_probability is None else stop_probability,
+                     self._min_share, self.cross_slot, self._min_count_cross, p.cross_request_entries,
+                     p.stop_probability if stop_probability is None else stop_probability,
                      p.max_entries_per_request, self.key_fp, self.key_stat, self.pair_fp, self.pair_cnt,
                      self.meta, self.calib, self.level_stats, self.cell_stats, self.last_draft,
                      self.last_cell, self._out_drafts, self._out_lens)
@@ -153,21 +160,29 @@ class NgramTables:
 
     def stats(self) -> dict:
         """Totals over live and released requests: drafts, tokens, acceptance, per-level figures."""
-        live = [s for s in range(self.num_slots) if s not in set(self._free)]
+        free = set(self._free) | {self.cross_slot}
+        live = [s for s in range(self.num_slots) if s not in free]
         meta = self.released_meta + self.meta[live].sum(axis=0)
         levels = self.released_level_stats + self.level_stats[live].sum(axis=0)
         p = self.params
-        return {
+        per_level = {}
+        for i in range(2 * p.num_levels):
+            name = f"n={p.n_min + i % p.num_levels}" + (" (cross-request)" if i >= p.num_levels else "")
+            if i < p.num_levels or self.cross_slot >= 0:
+                per_level[name] = {"drafted": int(levels[i, 0]), "accepted": int(levels[i, 1])}
+        out = {
             "drafts": int(meta[K.META_DRAFTS]),
             "drafted_tokens": int(meta[K.META_DRAFTED]),
             "accepted_tokens": int(meta[K.META_ACCEPTED]),
             "gate_stops": int(meta[K.META_GATE_STOPS]),
             "probability_stops": int(meta[K.META_PROB_STOPS]),
             "dropped_ngrams": int(meta[K.META_DROPPED]),
-            "per_level": {
-                f"n={p.n_min + i}": {"drafted": int(levels[i, 0]), "accepted": int(levels[i, 1])}
-                for i in range(p.num_levels)
-            },
+            "per_level": per_level,
             "active_requests": self.num_active,
             "bytes_in_use": self.bytes_in_use(),
         }
+        if self.cross_slot >= 0:
+            g = self.cross_slot
+            out["cross_request"] = {"entries": int(self.meta[g, K.META_KEYS]), "clears": int(self.meta[g, K.META_CLEARS]),
+                                    "bytes": self.slot_bytes(g)}
+        return out
