@@ -217,3 +217,17 @@ def test_two_proposers_fed_the_same_steps_draft_identically():
         outs.append(seq)
     assert outs[0] == outs[1]
     assert any(any(d) for step in outs[0] for d in step)
+
+
+def test_statistics_line_and_adaptive_length_histogram(caplog):
+    p, runner = make_proposer()
+    p._log_interval = 0.0
+    p._next_log = 0.0
+    runner.requests = {"a": object()}
+    runner.input_batch.req_ids = ["a"]
+    with caplog.at_level(logging.INFO, logger="vllm_anpd"):
+        drafts = p.propose(*Batch()([CTX_A]))
+    st = p.stats()
+    assert st["draft_length_histogram"][len(drafts[0])] == 1 and sum(st["draft_length_histogram"]) == 1
+    lines = [r.message for r in caplog.records if r.message.startswith("ANPD:")]
+    assert len(lines) == 1 and "1 drafts" in lines[0] and "1 requests" in lines[0]

@@ -133,6 +133,16 @@ def batch_request_ids(runner) -> list | None:
     return None if batch is None else batch.req_ids
 
 
+def stats_log_interval() -> float:
+    """vLLM's stat-logging interval in seconds (``vllm.envs.VLLM_LOG_STATS_INTERVAL``)."""
+    try:
+        import vllm.envs as envs
+
+        return float(envs.VLLM_LOG_STATS_INTERVAL)
+    except Exception:
+        return 10.0
+
+
 def batch_prompt_lengths(runner):
     """Prompt length of each batch row: ``runner.input_batch.num_prompt_tokens``."""
     return runner.input_batch.num_prompt_tokens
@@ -152,9 +162,7 @@ def drafter_stats(worker) -> dict | None:
     drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
     if not isinstance(drafter, AnpdProposer):
         return None
-    stats = drafter.stats()
-    stats["tracked_requests"] = drafter.num_active_requests
-    return stats
+    return drafter.stats()
 
 
 def time_drafter(worker) -> bool:

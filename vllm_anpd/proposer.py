@@ -15,6 +15,8 @@ Lifecycle, keyed by request id (rows move every step):
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import numpy as np
 
@@ -22,6 +24,7 @@ from . import _vllm_compat
 from .core import BatchBudget, NgramTables
 
 logger = logging.getLogger("vllm_anpd")
+LOG_STATS_ENV = "VLLM_ANPD_LOG_STATS"  # "0" silences the periodic statistics line
 
 
 class AnpdProposer:
@@ -42,6 +45,12 @@ class AnpdProposer:
             logger.warning("AnpdProposer built outside a vLLM model runner: requests are tracked by batch "
                            "row, which keeps outputs exact but weakens drafts when rows move.")
         self._warm_up(max_num_seqs)
+        # Draft lengths proposed (index = length), for the adaptive-length distribution.
+        self.draft_length_histogram = np.zeros(self.k + 1, np.int64)
+        self._log_interval = _vllm_compat.stats_log_interval()
+        self._log_enabled = os.environ.get(LOG_STATS_ENV, "1") != "0"
+        self._next_log = time.monotonic() + self._log_interval
+        self._logged_drafts = 0
 
     def _warm_up(self, max_num_seqs: int) -> None:
         """Compile (or load from numba's disk cache) the kernel with vLLM's dtypes before serving."""
@@ -67,7 +76,12 @@ class AnpdProposer:
         return len(self._slot_of)
 
     def stats(self) -> dict:
-        return self.tables.stats()
+        """ANPD's statistics: the tables' totals plus the lifecycle and adaptive-length figures."""
+        st = self.tables.stats()
+        st["tracked_requests"] = self.num_active_requests
+        st["draft_length_histogram"] = self.draft_length_histogram.tolist()
+        st["stop_probability"] = self.budget.last_stop_probability
+        return st
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **_unused):
         self._release_finished()
@@ -91,7 +105,25 @@ class AnpdProposer:
         stop_probability = self.budget.stop_probability(int((slots >= 0).sum()), self.tables)
         drafts, lens = self.tables.step(token_ids_cpu, num_tokens, slots, max_draft, stop_probability)
         self.budget.drafted(int(lens.sum()))
+        self.draft_length_histogram += np.bincount(lens[slots >= 0], minlength=self.k + 1)[: self.k + 1]
+        if self._log_enabled and time.monotonic() >= self._next_log:
+            self._log_stats()
         return [drafts[i, :lens[i]].tolist() if lens[i] else [] for i in range(batch)]
+
+    def _log_stats(self) -> None:
+        """One INFO line at vLLM's stat-logging interval (VLLM_LOG_STATS_INTERVAL), when there was activity."""
+        self._next_log = time.monotonic() + self._log_interval
+        st = self.stats()
+        if st["drafts"] == self._logged_drafts:
+            return
+        self._logged_drafts = st["drafts"]
+        levels = ", ".join(f"{k} {v['accepted']}/{v['drafted']}" for k, v in st["per_level"].items() if v["drafted"])
+        logger.info("ANPD: %d requests, %.1f MB of tables; %d drafts, mean length %.2f, acceptance %.2f; "
+                    "accepted/drafted per level: %s; gate stops %d, probability stops %d; stop probability %.2f",
+                    st["tracked_requests"], st["bytes_in_use"] / 2**20, st["drafts"],
+                    st["drafted_tokens"] / max(st["drafts"], 1),
+                    st["accepted_tokens"] / max(st["drafted_tokens"], 1), levels or "-", st["gate_stops"],
+                    st["probability_stops"], st["stop_probability"])
 
     # --- request lifecycle ---------------------------------------------------------------------------
     def _request_ids(self, batch: int) -> list:

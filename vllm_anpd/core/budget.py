@@ -23,6 +23,7 @@ class BatchBudget:
         self._last_accepted_total = 0
         self._last_batch = 0
         self._pending_drafted = 0
+        self.last_stop_probability = params.stop_probability
 
     def stop_probability(self, batch: int, tables) -> float:
         """The stop probability for this step's drafts (``params.stop_probability`` is the floor)."""
@@ -39,9 +40,11 @@ class BatchBudget:
         floor = self.params.stop_probability
         cost = self.params.verify_cost
         if cost <= 0.0 or batch <= 0:
-            return floor
-        bound = (1.0 + self.accepted_per_request) / (1.0 + self.drafted_per_request + 1.0 / (cost * batch))
-        return min(0.99, max(floor, bound))
+            self.last_stop_probability = floor
+        else:
+            bound = (1.0 + self.accepted_per_request) / (1.0 + self.drafted_per_request + 1.0 / (cost * batch))
+            self.last_stop_probability = min(0.99, max(floor, bound))
+        return self.last_stop_probability
 
     def drafted(self, num_tokens: int) -> None:
         self._pending_drafted = num_tokens
