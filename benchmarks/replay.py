@@ -103,6 +103,46 @@ class VllmNgramDrafter:
         return {}
 
 
+class SuffixDrafter:
+    """vLLM's ``suffix`` method (Arctic Inference's SuffixDecodingCache), driven as vLLM's
+    ``SuffixDecodingProposer`` drives it, with vLLM's default settings."""
+
+    name = "suffix"
+
+    def __init__(self, k: int, corpus: "Corpus", max_tree_depth=24, max_spec_factor=1.0, min_token_prob=0.1):
+        from arctic_inference.suffix_decoding import SuffixDecodingCache
+
+        self.cache = SuffixDecodingCache(max_tree_depth=max_tree_depth, max_cached_requests=10000)
+        self.corpus = corpus
+        self.depth, self.factor, self.min_prob = max_tree_depth, max_spec_factor, min_token_prob
+        self.seen = {}  # request -> tokens already given to the cache
+
+    def propose(self, tokens, num_tokens, active, k):
+        out = np.zeros((len(active), k), np.int32)
+        lens = np.zeros(len(active), np.int32)
+        for i in np.flatnonzero(active):
+            rid = str(i)
+            n = int(num_tokens[i])
+            p = int(self.corpus.prompt_len[i])
+            if rid not in self.seen:
+                self.cache.start_request(rid, tokens[i, :p].tolist())
+                self.seen[rid] = p
+            if n > self.seen[rid]:
+                self.cache.add_active_response(rid, tokens[i, self.seen[rid]:n].tolist())
+                self.seen[rid] = n
+            pattern = tokens[i, max(0, n - self.depth):n].tolist()
+            d = self.cache.speculate(rid, pattern, max_spec_tokens=k, max_spec_factor=self.factor,
+                                     min_token_prob=self.min_prob).token_ids
+            lens[i] = len(d)
+            out[i, :len(d)] = d
+        for rid in [r for r in self.seen if r in self.cache.active_requests and not active[int(r)]]:
+            self.cache.stop_request(rid)
+        return out, lens
+
+    def extra_stats(self):
+        return {}
+
+
 def replay(corpus: Corpus, drafter, k: int, batch: int = 0, cost=(1.0, 0.0)):
     """Replays all requests with continuous batching (``batch`` concurrent, 0 = all at once), one drafter
     call per engine step. ``cost = (a, b)`` models the target's step time as ``a + b x tokens``: the modelled
@@ -203,6 +243,7 @@ def main():
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--anpd", type=str, default="{}", help="JSON of AnpdParams overrides")
     ap.add_argument("--no-ngram", action="store_true", help="skip vLLM's ngram grid")
+    ap.add_argument("--no-suffix", action="store_true", help="skip vLLM's suffix method")
     ap.add_argument("--out", type=str, default="replay")
     args = ap.parse_args()
     refs = load_references(args.max_tokens)
@@ -215,6 +256,11 @@ def main():
         for batch in args.batch:
             anpd = AnpdDrafter(AnpdParams(num_speculative_tokens=k, **overrides), len(refs))
             results[f"k={k} b={batch} anpd"] = run_one(corpus, anpd, k, batch, args.cost)
+            if not args.no_suffix:
+                try:
+                    results[f"k={k} b={batch} suffix"] = run_one(corpus, SuffixDrafter(k, corpus), k, batch, args.cost)
+                except ImportError:
+                    print("arctic-inference not installed: suffix skipped (VLLM_ANPD_SUFFIX=1 bash scripts/install.sh)")
             if args.no_ngram:
                 continue
             for lo in (1, 2, 3):

@@ -231,3 +231,14 @@ def test_statistics_line_and_adaptive_length_histogram(caplog):
     assert st["draft_length_histogram"][len(drafts[0])] == 1 and sum(st["draft_length_histogram"]) == 1
     lines = [r.message for r in caplog.records if r.message.startswith("ANPD:")]
     assert len(lines) == 1 and "1 drafts" in lines[0] and "1 requests" in lines[0]
+
+
+def test_registration_does_not_import_numba():
+    """vLLM CPU's init_worker scans every loaded module for Triton kernels and crashes on llvmlite's
+    objects, so the plugin (run before it in each worker) must not import numba."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vllm_anpd.plugin as p; assert p.register(); "
+            "bad = [m for m in ('numba', 'llvmlite') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
