@@ -74,6 +74,34 @@ class AnpdDrafter:
         return self.tables.stats()
 
 
+class GrowShrinkDrafter(AnpdDrafter):
+    """ANPD's tables with the simple per-request length rule instead of ANPD's stop probability: the limit
+    grows by one after a fully accepted draft and drops to (accepted + 1) after a miss. Ablation baseline."""
+
+    name = "anpd-growshrink"
+
+    def __init__(self, params, num_requests):
+        super().__init__(params.replace(stop_probability=0.0, verify_cost=0.0), num_requests)
+        self.limit = np.full(num_requests, 2, np.int32)
+        self.prev = {}  # request -> (num_tokens, draft)
+
+    def propose(self, tokens, num_tokens, active, k):
+        for i in np.flatnonzero(active):
+            if i in self.prev:
+                n0, draft = self.prev[i]
+                got = tokens[i, n0:num_tokens[i] - 1]  # accepted draft tokens (the last one is the bonus)
+                acc = 0
+                while acc < len(draft) and acc < len(got) and got[acc] == draft[acc]:
+                    acc += 1
+                if len(draft):
+                    self.limit[i] = min(self.limit[i] + 1, k) if acc == len(draft) else max(acc + 1, 1)
+        slots = np.where(active, self.slot_ids, -1).astype(np.int32)
+        drafts, lens = self.tables.step(tokens, num_tokens, slots, self.limit)
+        for i in np.flatnonzero(active):
+            self.prev[i] = (num_tokens[i], drafts[i, :lens[i]].copy())
+        return drafts, lens
+
+
 class VllmNgramDrafter:
     """vLLM's built-in n-gram proposer, from the installed vLLM, driven with the same arrays."""
 

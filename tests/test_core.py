@@ -13,8 +13,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vllm_anpd.core import AnpdParams, NgramTables
+from vllm_anpd.core import NgramTables
 from vllm_anpd.core import oracle
+from vllm_anpd.core.config import PAPER
+from vllm_anpd.core.config import AnpdParams as _AnpdParams
+
+
+def AnpdParams(**kw):
+    """The oracle models the paper's semantics plus the gate: adaptive stop and shared table off unless asked."""
+    return _AnpdParams(**{**PAPER, **kw})
 
 K = 6
 
@@ -288,3 +295,19 @@ def test_cross_request_table_is_bounded():
         t.release(s)
     assert t.stats()["cross_request"]["clears"] > 0
     assert t.num_active == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(context=small_tokens, cuts=st.lists(st.integers(0, 60), max_size=6), stop=st.sampled_from([0.05, 0.3, 0.6]))
+def test_adaptive_stop_only_shortens_drafts(context, cuts, stop):
+    """The stop probability decides where a draft ends, never what it contains: each draft is a prefix of the
+    fixed-length draft."""
+    params = AnpdParams(num_speculative_tokens=8, stop_probability=stop)
+    t = NgramTables(params, num_slots=1, max_batch=1)
+    slot = t.acquire()
+    row = np.zeros((1, max(len(context), 1)), np.int32)
+    row[0, :len(context)] = context
+    for n in sorted({min(c, len(context)) for c in cuts} | {len(context)}):
+        drafts, lens = t.step(row, np.array([n]), np.array([slot], np.int32), np.array([8], np.int32))
+        full = oracle.draft(context[:n], params, 8)
+        assert drafts[0, :lens[0]].tolist() == full[:lens[0]]

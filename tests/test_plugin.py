@@ -13,6 +13,7 @@ from vllm.config import SpeculativeConfig
 
 from vllm_anpd import _vllm_compat, plugin
 from vllm_anpd.core import AnpdParams, oracle
+from vllm_anpd.core.config import PAPER
 from vllm_anpd.models import default_model_path
 from vllm_anpd.proposer import AnpdProposer
 
@@ -102,7 +103,9 @@ def test_zero_patch_custom_class_route():
 
 # --- proposer lifecycle (a fake runner stands in for vLLM's) ------------------------------------------
 
-def fake_vllm_config(k=4, max_model_len=64, max_num_seqs=4, **anpd):
+def fake_vllm_config(k=4, max_model_len=64, max_num_seqs=4, paper=True, **anpd):
+    """Paper semantics by default, so drafts can be compared with the oracle; paper=False: ANPD's defaults."""
+    anpd = {**(PAPER if paper else {}), **anpd}
     spec = SimpleNamespace(num_speculative_tokens=k, **{f"anpd_{n}": v for n, v in anpd.items()})
     return SimpleNamespace(speculative_config=spec, model_config=SimpleNamespace(max_model_len=max_model_len),
                            scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs))
@@ -207,7 +210,7 @@ def test_two_proposers_fed_the_same_steps_draft_identically():
     streams = [rng.integers(0, 6, 60).tolist() for _ in range(3)]
     outs = []
     for _ in range(2):
-        p, runner = make_proposer(k=5, max_model_len=128, stop_probability=0.2)
+        p, runner = make_proposer(k=5, max_model_len=128, paper=False, stop_probability=0.2)
         runner.requests = {i: object() for i in range(3)}
         runner.input_batch.req_ids = [0, 1, 2]
         batch = Batch(width=128)

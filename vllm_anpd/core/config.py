@@ -30,7 +30,8 @@ def _as_tuple(name: str, value, num_levels: int, cast) -> tuple:
 
 @dataclass(frozen=True)
 class AnpdParams:
-    """Everything that decides what ANPD drafts.
+    """Everything that decides what ANPD drafts. Defaults were chosen with the replay simulator on all 480
+    Spec-Bench prompts (benchmarks/replay.py, BENCHMARKS.md); ``PAPER`` below turns the extensions off.
 
     Levels: for each n in ``n_min..n_max`` a table maps the last ``n - 1`` tokens to next-token counts.
     Drafting queries the highest level whose key was seen, backs off to lower levels, and chains.
@@ -58,13 +59,13 @@ class AnpdParams:
 
     num_speculative_tokens: int = 8
     n_min: int = 2
-    n_max: int = 5
+    n_max: int = 7
     min_count: tuple = 1
     min_share: tuple = 0.0
-    stop_probability: float = 0.0
-    verify_cost: float = 0.0
+    stop_probability: float = 0.1
+    verify_cost: float = 0.07
     max_entries_per_request: int = 0  # 0: tables grow with the context (bounded by max_model_len)
-    cross_request_entries: int = 0  # 0: off; else the bound of the table shared across requests
+    cross_request_entries: int = 262144  # 0: off; else the bound of the table shared across requests
     cross_min_count: int = 2  # the shared table's gate: a successor seen at least this often
 
     def __post_init__(self):
@@ -110,6 +111,11 @@ class AnpdParams:
         return [f.name for f in dataclasses.fields(cls)]
 
 
+# The paper's ANPD: fixed draft length (k), no gate, no adaptive stop, no shared table; N = 5.
+PAPER = dict(n_min=2, n_max=5, min_count=1, min_share=0.0, stop_probability=0.0, verify_cost=0.0,
+             cross_request_entries=0)
+
+
 def _strict_int(name):
     def cast(v):
         if isinstance(v, bool) or not isinstance(v, int):
@@ -118,4 +124,4 @@ def _strict_int(name):
     return cast
 
 
-__all__ = ["AnpdParams", "MAX_SPECULATIVE_TOKENS", "MAX_NGRAM"]
+__all__ = ["AnpdParams", "MAX_SPECULATIVE_TOKENS", "MAX_NGRAM", "PAPER"]

@@ -41,6 +41,11 @@ COUNT_BUCKETS = 6  # top count 1, 2-3, 4-7, 8-15, 16-31, 32+
 SHARE_BUCKETS = 3  # top share < 0.5, < 0.8, >= 0.8
 CELLS_PER_LEVEL = COUNT_BUCKETS * SHARE_BUCKETS
 
+# Prior of every cell's acceptance probability, as pseudo-counts: optimistic (0.75), so that a cell is tried
+# (and learned) even when the batch-aware budget demands a high probability; real counts take over quickly.
+PRIOR_ACCEPTED = 3.0
+PRIOR_REACHED = 4.0
+
 # Per-request calibration is an exponential average over recent verified draft tokens.
 CALIBRATION_DECAY = 0.9
 
@@ -243,6 +248,11 @@ def _cell(level, top_count, total):
     return (level * COUNT_BUCKETS + b) * SHARE_BUCKETS + sb
 
 
+@njit(cache=True, inline="always")
+def _cell_probability(cell_stats, cell):
+    return (cell_stats[cell, 1] + PRIOR_ACCEPTED) / (cell_stats[cell, 0] + PRIOR_REACHED)
+
+
 @njit(cache=True)
 def _feedback(s, row, start, end, last_draft, last_cell, meta, calib, level_stats, cell_stats):
     """Score the previous draft of slot ``s`` against the tokens the target model produced.
@@ -267,7 +277,7 @@ def _feedback(s, row, start, end, last_draft, last_cell, meta, calib, level_stat
         cell_stats[cell, 0] += 1
         cell_stats[cell, 1] += hit
         level_stats[s, level, 1] += hit
-        p = (cell_stats[cell, 1] + 1.0) / (cell_stats[cell, 0] + 2.0)
+        p = _cell_probability(cell_stats, cell)
         calib[s, 0] = CALIBRATION_DECAY * calib[s, 0] + p
         calib[s, 1] = CALIBRATION_DECAY * calib[s, 1] + hit
     meta[s, META_ACCEPTED] += accepted
@@ -330,7 +340,7 @@ def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cros
             break
         cell = _cell(level, top_count, total)
         if stop_probability > 0.0:
-            p = (cell_stats[cell, 1] + 1.0) / (cell_stats[cell, 0] + 2.0) * ratio
+            p = _cell_probability(cell_stats, cell) * ratio
             path_p *= min(p, 0.99)
             if path_p < stop_probability:
                 meta[s, META_PROB_STOPS] += 1
