@@ -51,14 +51,15 @@ def speculative_config(method: str, k: int, args) -> dict | None:
 def worker(args) -> None:
     from vllm import LLM, SamplingParams
 
-    from vllm_anpd import _vllm_compat, models
+    from vllm_anpd import models
 
     job = json.loads(Path(args.job).read_text())
     if job["method"] == "oracle":
         os.environ["VLLM_ANPD_ORACLE_REFS"] = job["oracle_refs"]
     llm = LLM(speculative_config=job["spec"], disable_log_stats=False,
+              worker_extension_cls="vllm_anpd.worker_extension.AnpdWorkerExtension",
               **models.engine_kwargs(max_num_seqs=job["batch"], dtype=job["dtype"], max_model_len=4096))
-    has_drafter = any(llm.collective_rpc(_vllm_compat.time_drafter))
+    has_drafter = any(llm.collective_rpc("anpd_time_drafter"))
     engine = llm.llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
     # Warm-up (not measured): compiles kernels, fills caches.
@@ -92,7 +93,7 @@ def worker(args) -> None:
         "drafter_seconds": (drafter_seconds(llm) - drafter_before) if has_drafter else 0.0,
     }
     if job["method"] == "anpd":
-        result["anpd_stats"] = [s for s in llm.collective_rpc(_vllm_compat.drafter_stats) if s][0]
+        result["anpd_stats"] = [s for s in llm.collective_rpc("anpd_stats") if s][0]
     Path(args.out).write_text(json.dumps(result))
 
 
@@ -105,9 +106,7 @@ def counters(llm) -> dict:
 
 
 def drafter_seconds(llm) -> float:
-    from vllm_anpd import _vllm_compat
-
-    return float(sum(s or 0.0 for s in llm.collective_rpc(_vllm_compat.drafter_seconds)))
+    return float(sum(s or 0.0 for s in llm.collective_rpc("anpd_drafter_seconds")))
 
 
 # --- the driver ---------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import time
 from vllm import LLM, SamplingParams
 
 from vllm_anpd import models, specbench
-from vllm_anpd._vllm_compat import drafter_stats
 
 
 def main():
@@ -22,7 +21,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     args = ap.parse_args()
 
-    kwargs = models.engine_kwargs(max_num_seqs=16, disable_log_stats=False)
+    kwargs = models.engine_kwargs(max_num_seqs=16, disable_log_stats=False,
+                                  worker_extension_cls="vllm_anpd.worker_extension.AnpdWorkerExtension")
     if args.model:
         kwargs["model"] = args.model
     llm = LLM(speculative_config={"method": "anpd", "num_speculative_tokens": args.k}, **kwargs)
@@ -46,7 +46,7 @@ def main():
         print(f"vLLM counters: {drafts:.0f} drafts, {drafted:.0f} draft tokens, {accepted:.0f} accepted "
               f"(acceptance rate {accepted / max(drafted, 1):.2f}, mean accepted length "
               f"{1 + accepted / drafts:.2f} tokens per drafted step)")
-    stats = [s for s in llm.collective_rpc(drafter_stats) if s is not None][0]
+    stats = [s for s in llm.collective_rpc("anpd_stats") if s is not None][0]
     print("ANPD per level (drafted / accepted):",
           ", ".join(f"{k} {v['drafted']}/{v['accepted']}" for k, v in stats["per_level"].items()))
 

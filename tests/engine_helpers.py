@@ -14,6 +14,7 @@ def make_llm(speculative_config=None, **overrides):
 
     kwargs = models.engine_kwargs(**overrides)
     kwargs.setdefault("disable_log_stats", False)
+    kwargs.setdefault("worker_extension_cls", "vllm_anpd.worker_extension.AnpdWorkerExtension")
     return LLM(speculative_config=speculative_config, **kwargs)
 
 
@@ -41,9 +42,7 @@ def spec_bench_prompts(tokenizer, per_category: int) -> list[str]:
 
 
 def drafter_stats(llm) -> dict:
-    from vllm_anpd._vllm_compat import drafter_stats as rpc
-
-    stats = [s for s in llm.collective_rpc(rpc) if s is not None]
+    stats = [s for s in llm.collective_rpc("anpd_stats") if s is not None]
     assert stats, "no ANPD proposer in the engine's workers"
     return stats[0]
 

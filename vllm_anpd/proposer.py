@@ -23,7 +23,8 @@ import numpy as np
 from . import _vllm_compat
 from .core import BatchBudget, NgramTables
 
-logger = logging.getLogger("vllm_anpd")
+# A child of vLLM's logger: vLLM configures the handler and format, in every process.
+logger = logging.getLogger("vllm.anpd")
 LOG_STATS_ENV = "VLLM_ANPD_LOG_STATS"  # "0" silences the periodic statistics line
 
 
