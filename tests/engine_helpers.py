@@ -48,10 +48,10 @@ def drafter_stats(llm) -> dict:
 
 
 def spec_metrics(llm) -> dict:
-    """vLLM's own spec-decode counters (what Prometheus exports)."""
+    """vLLM's own spec-decode counters (Prometheus exports them with a "_total" suffix)."""
     out = {}
     for m in llm.get_metrics():
-        if m.name.startswith("vllm:spec_decode"):
+        if m.name.startswith("vllm:spec_decode") and not m.name.endswith("_per_pos"):
             value = getattr(m, "value", None)
             if value is None and hasattr(m, "values"):
                 value = sum(m.values)

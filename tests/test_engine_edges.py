@@ -92,9 +92,10 @@ def test_edges_equal_no_speculation(baseline, anpd_llm):
     # The workload really exercised the edges.
     assert num_preemptions(anpd_llm) > before, "no preemption happened: KV cache too large for the test"
     assert [len(g) for g in got[-4:]] == [items[-4 + j][1].max_tokens for j in range(4)]
+    anpd_llm.generate(["Hi"], greedy(1), use_tqdm=False)  # a step after the batch: finished ids are dropped
     stats = drafter_stats(anpd_llm)
     assert stats["accepted_tokens"] > 0
-    assert stats["tracked_requests"] == 0
+    assert stats["tracked_requests"] == stats["runner_requests"] <= 1
 
 
 def test_aborts_mid_generation(baseline, anpd_llm):
@@ -102,7 +103,9 @@ def test_aborts_mid_generation(baseline, anpd_llm):
     done = run_with_aborts(anpd_llm, PROMPTS[:4], abort_ids=[1, 2])
     for rid in ("req-0", "req-3"):
         assert done[rid] == ref_abort[rid]
-    assert drafter_stats(anpd_llm)["tracked_requests"] == 0  # aborted requests released too
+    anpd_llm.generate(["Hi"], greedy(1), use_tqdm=False)
+    stats = drafter_stats(anpd_llm)
+    assert stats["tracked_requests"] == stats["runner_requests"] <= 1  # aborted requests released too
 
 
 def test_sampled_and_n_gt_1_mixed_with_greedy(baseline, anpd_llm):
@@ -117,4 +120,6 @@ def test_sampled_and_n_gt_1_mixed_with_greedy(baseline, anpd_llm):
     assert list(outs[2].outputs[0].token_ids) == ref[2]
     assert len(outs[1].outputs[0].token_ids) > 0
     assert len(outs[3].outputs) == 3 and all(len(c.token_ids) > 0 for c in outs[3].outputs)
-    assert drafter_stats(anpd_llm)["tracked_requests"] == 0
+    anpd_llm.generate(["Hi"], greedy(1), use_tqdm=False)
+    stats = drafter_stats(anpd_llm)
+    assert stats["tracked_requests"] == stats["runner_requests"] <= 1

@@ -34,11 +34,13 @@ def test_anpd_greedy_equals_no_speculation(baseline, max_num_seqs):
         mismatched = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
         assert not mismatched, f"{len(mismatched)} outputs differ, first at prompt {mismatched[0]}"
         metrics = spec_metrics(llm)
+        # One more tiny request: its step makes vLLM's runner (and so ANPD) drop the finished requests.
+        llm.generate(["Hi"], greedy(1), use_tqdm=False)
         stats = drafter_stats(llm)
     finally:
         shutdown(llm)
     # Speculation really happened, and vLLM's metrics see ANPD's drafts.
-    assert metrics["vllm:spec_decode_num_accepted_tokens_total"] > 0
+    assert metrics["vllm:spec_decode_num_accepted_tokens"] > 0
     assert stats["accepted_tokens"] > 0
-    # Every request finished, and its state was released.
-    assert stats["tracked_requests"] == 0 and stats["active_requests"] == 0
+    # Every finished request's state was released (at most the last tiny one is still held, as vLLM holds it).
+    assert stats["tracked_requests"] == stats["active_requests"] == stats["runner_requests"] <= 1

@@ -9,7 +9,8 @@ Lifecycle, keyed by request id (rows move every step):
 * every step: the tokens appended since the last step are folded in, then a draft is made;
 * partial prefill (empty ``sampled_token_ids[i]``): nothing is drafted and nothing is consumed;
 * preemption: the request leaves the batch but stays in the runner's ``requests``; its slot is kept;
-* finished or aborted: its id leaves the runner's ``requests``; its slot is released at the next step.
+* finished or aborted: its id leaves the runner's ``requests`` (vLLM's ``_update_states``, at the next engine
+  step); its slot is released then. So ANPD's state lives exactly as long as vLLM's own per-request state.
 """
 
 from __future__ import annotations
@@ -78,8 +79,13 @@ class AnpdProposer:
 
     def stats(self) -> dict:
         """ANPD's statistics: the tables' totals plus the lifecycle and adaptive-length figures."""
+        self._release_finished()
         st = self.tables.stats()
         st["tracked_requests"] = self.num_active_requests
+        # Requests vLLM's model runner still holds. Its _update_states drops finished requests at the next
+        # engine step, so after the last request of a burst finishes both figures lag by that step, equally.
+        live = _vllm_compat.live_requests(self._runner) if self._runner is not None else None
+        st["runner_requests"] = None if live is None else len(live)
         st["draft_length_histogram"] = self.draft_length_histogram.tolist()
         st["stop_probability"] = self.budget.last_stop_probability
         return st
