@@ -62,14 +62,25 @@ def run_with_aborts(llm, prompts, abort_ids, abort_after_steps=6):
     return done
 
 
+def mixed_batch():
+    """Greedy requests with sampled and n > 1 requests in the same batch."""
+    from vllm import SamplingParams
+
+    return PROMPTS[:4], [greedy(300), SamplingParams(temperature=0.8, top_p=0.95, max_tokens=60, seed=1),
+                         greedy(300), SamplingParams(temperature=1.0, n=3, max_tokens=40, seed=2)]
+
+
 @pytest.fixture(scope="module")
 def baseline():
     llm = make_llm(None, **ENGINE)
     items = workload(llm.get_tokenizer())
     ref = run(llm, items)
     ref_abort = run_with_aborts(llm, PROMPTS[:4], abort_ids=[1, 2])
+    # The greedy outputs of the mixed batch, from the same batch without speculation: float32 results can
+    # depend on the batch's composition, so the reference is the same batch.
+    ref_mixed = token_ids(llm.generate(*mixed_batch(), use_tqdm=False))
     shutdown(llm)
-    return items, ref, ref_abort
+    return items, ref, ref_abort, ref_mixed
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +95,7 @@ def num_preemptions(llm) -> float:
 
 
 def test_edges_equal_no_speculation(baseline, anpd_llm):
-    items, ref, _ = baseline
+    items, ref, _, _ = baseline
     before = num_preemptions(anpd_llm)
     got = run(anpd_llm, items)
     for i, (g, r) in enumerate(zip(got, ref)):
@@ -99,7 +110,7 @@ def test_edges_equal_no_speculation(baseline, anpd_llm):
 
 
 def test_aborts_mid_generation(baseline, anpd_llm):
-    _, _, ref_abort = baseline
+    _, _, ref_abort, _ = baseline
     done = run_with_aborts(anpd_llm, PROMPTS[:4], abort_ids=[1, 2])
     for rid in ("req-0", "req-3"):
         assert done[rid] == ref_abort[rid]
@@ -109,15 +120,10 @@ def test_aborts_mid_generation(baseline, anpd_llm):
 
 
 def test_sampled_and_n_gt_1_mixed_with_greedy(baseline, anpd_llm):
-    from vllm import SamplingParams
-
-    items, ref, _ = baseline
-    prompts = [p for p, _ in items[:4]]
-    params = [greedy(300), SamplingParams(temperature=0.8, top_p=0.95, max_tokens=60, seed=1),
-              greedy(300), SamplingParams(temperature=1.0, n=3, max_tokens=40, seed=2)]
-    outs = anpd_llm.generate(prompts, params, use_tqdm=False)
-    assert list(outs[0].outputs[0].token_ids) == ref[0]
-    assert list(outs[2].outputs[0].token_ids) == ref[2]
+    _, _, _, ref_mixed = baseline
+    outs = anpd_llm.generate(*mixed_batch(), use_tqdm=False)
+    assert list(outs[0].outputs[0].token_ids) == ref_mixed[0]
+    assert list(outs[2].outputs[0].token_ids) == ref_mixed[2]
     assert len(outs[1].outputs[0].token_ids) > 0
     assert len(outs[3].outputs) == 3 and all(len(c.token_ids) > 0 for c in outs[3].outputs)
     anpd_llm.generate(["Hi"], greedy(1), use_tqdm=False)
