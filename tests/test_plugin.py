@@ -267,3 +267,11 @@ def test_registration_does_not_import_numba():
     code = ("import sys, vllm_anpd.plugin as p; assert p.register(); "
             "bad = [m for m in ('numba', 'llvmlite') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_server_cli_can_be_built_with_the_config_class():
+    """The OpenAI server builds its CLI from the config class's annotations (needs real types)."""
+    from vllm.engine.arg_utils import get_kwargs
+
+    assert arg_utils.SpeculativeConfig is _vllm_compat.AnpdSpeculativeConfig
+    assert "anpd_n_max" in get_kwargs(arg_utils.SpeculativeConfig)

@@ -11,8 +11,8 @@ Two things, both reversible and idempotent (CPU workers are spawned and run the 
    ``custom_class`` passes rows, not request ids, and rows move every step (``InputBatch.condense``).
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations" here: vLLM builds its CLI from the config class's annotations
+# (EngineArgs.add_cli_args -> get_kwargs(SpeculativeConfig)) and needs real types, not strings.
 import sys
 from typing import Any, Literal
 
