@@ -273,5 +273,6 @@ def test_server_cli_can_be_built_with_the_config_class():
     """The OpenAI server builds its CLI from the config class's annotations (needs real types)."""
     from vllm.engine.arg_utils import get_kwargs
 
+    assert plugin.register()
     assert arg_utils.SpeculativeConfig is _vllm_compat.AnpdSpeculativeConfig
     assert "anpd_n_max" in get_kwargs(arg_utils.SpeculativeConfig)
