@@ -327,8 +327,8 @@ def run_batch(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
               address: str | None = None, speculative_config: dict | None = DEFAULT_SPECULATIVE_CONFIG,
               max_tokens: int = 128, temperature: float = 0.0, seed: int = 0, shard_size: int = 16,
               work_dir: str | os.PathLike | None = None, model: str | None = None, kv_cache_gib: float = 1.0,
-              cpus_per_engine: int = 1, max_retries: int = 3, engine_factory: Callable[[], Any] | None = None,
-              progress: bool = True) -> BatchSummary:
+              cpus_per_engine: int = 1, engine_args: dict | None = None, max_retries: int = 3,
+              engine_factory: Callable[[], Any] | None = None, progress: bool = True) -> BatchSummary:
     """Generate a completion for every row of INPUT_PATH into OUTPUT_PATH; see the module docstring."""
     import ray
     from ray.exceptions import OutOfMemoryError, RayActorError
@@ -370,7 +370,7 @@ def run_batch(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
 
     if engine_factory is None:
         engine_factory = functools.partial(VllmEngine, model=model, speculative_config=speculative_config,
-                                           kv_cache_gib=kv_cache_gib, max_num_seqs=shard_size)
+                                           kv_cache_gib=kv_cache_gib, max_num_seqs=shard_size, **(engine_args or {}))
     # max_restarts: Ray rebuilds a dead actor (and its engine); the driver resubmits what it was running.
     worker_cls = ray.remote(num_cpus=cpus_per_engine, max_restarts=max_retries, max_task_retries=0,
                             scheduling_strategy="SPREAD")(ShardWorker)
@@ -462,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="HF model folder (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per engine")
     ap.add_argument("--cpus-per-engine", type=int, default=1)
+    ap.add_argument("--engine-args", type=json.loads, default=None,
+                    help='more LLM(...) arguments as JSON, e.g. \'{"enforce_eager": true}\'')
     ap.add_argument("--max-retries", type=int, default=3, help="per shard, when its engine dies")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -470,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                             speculative_config=args.speculative_config, max_tokens=args.max_tokens,
                             temperature=args.temperature, seed=args.seed, shard_size=args.shard_size,
                             work_dir=args.work_dir, model=args.model, kv_cache_gib=args.kv_cache_gib,
-                            cpus_per_engine=args.cpus_per_engine, max_retries=args.max_retries)
+                            cpus_per_engine=args.cpus_per_engine, engine_args=args.engine_args,
+                            max_retries=args.max_retries)
     except (PromptFileError, ShardFailed, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

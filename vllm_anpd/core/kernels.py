@@ -75,13 +75,18 @@ def _nonzero(h):
     return v if v != 0 else np.int64(1)
 
 
-@njit(cache=True)
-def key_fingerprint(tokens, start, length):
-    """Fingerprint of ``tokens[start:start + length]`` as a key of length ``length``."""
-    h = _mix(np.uint64(length + 1) * _K0)
-    for i in range(start, start + length):
-        h = _mix(h ^ np.uint64(np.uint32(tokens[i])))
-    return _nonzero(h)
+@njit(cache=True, inline="always")
+def key_fingerprints(tokens, end, max_length, out):
+    """Fingerprints of every key ending at ``end``: ``out[m]`` for ``tokens[end - m:end]``, m = 0..max_length.
+
+    One rolling pass from the newest token back, one mix per token, so all levels cost about as much as the
+    longest key alone. The length is folded in at the end so keys of different lengths never share a chain.
+    """
+    h = _K1
+    out[0] = _nonzero(h ^ _K0)
+    for m in range(1, max_length + 1):
+        h = _mix(h ^ np.uint64(np.uint32(tokens[end - m])))
+        out[m] = _nonzero(h ^ (np.uint64(m + 1) * _K0))
 
 
 @njit(cache=True, inline="always")
@@ -212,7 +217,7 @@ def _observe(s, fp, token, kfp, kstat, pfp, pcnt, meta, max_entries):
 
 
 @njit(cache=True)
-def _consume(s, row, start, end, n_min, n_max, key_fp, key_stat, pair_fp, pair_cnt, meta, max_entries):
+def _consume(s, row, start, end, n_min, n_max, key_fp, key_stat, pair_fp, pair_cnt, meta, max_entries, fps):
     """Fold tokens ``row[start:end]`` (each as a successor of the keys before it) into slot ``s``."""
     num_levels = n_max - n_min + 1
     # Reserve chunk by chunk: a long prompt repeats many n-grams, so reserving levels x length entries
@@ -227,12 +232,12 @@ def _consume(s, row, start, end, n_min, n_max, key_fp, key_stat, pair_fp, pair_c
         pcnt = pair_cnt[s]
         for pos in range(chunk_start, chunk_end):
             token = row[pos]
-            for n in range(n_min, n_max + 1):
-                m = n - 1
-                if pos - m < 0:
-                    break
-                _observe(s, key_fingerprint(row, pos - m, m), token, kfp, kstat, pfp, pcnt, meta,
-                         max_entries)
+            longest = min(n_max - 1, pos)
+            if longest < n_min - 1:
+                continue
+            key_fingerprints(row, pos, longest, fps)
+            for m in range(n_min - 1, longest + 1):
+                _observe(s, fps[m], token, kfp, kstat, pfp, pcnt, meta, max_entries)
     meta[s, META_CONSUMED] = end
 
 
@@ -284,17 +289,18 @@ def _feedback(s, row, start, end, last_draft, last_cell, meta, calib, level_stat
 
 
 @njit(cache=True)
-def _lookup(kfp, kstat, buf, blen, n_min, n_max, min_count, min_share):
-    """Highest level whose key (the last n-1 tokens of ``buf[:blen]``) is in the table and passes the gate.
+def _lookup(kfp, kstat, fps, longest, n_min, n_max, min_count, min_share):
+    """Highest level whose key (fingerprint ``fps[n - 1]``, keys up to length ``longest`` available) is in
+    the table and passes the gate.
 
     Returns ``(level index or -1, top token, top count, total count, whether any key matched)``.
     """
     matched = False
     for lv in range(n_max - n_min, -1, -1):
         m = n_min + lv - 1
-        if m > blen:
+        if m > longest:
             continue
-        ki = _probe(kfp, key_fingerprint(buf, blen - m, m))
+        ki = _probe(kfp, fps[m])
         if ki < 0:
             continue
         matched = True
@@ -308,7 +314,7 @@ def _lookup(kfp, kstat, buf, blen, n_min, n_max, min_count, min_share):
 
 @njit(cache=True)
 def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cross_min_count, stop_probability,
-           key_fp, key_stat, last_draft, last_cell, meta, calib, level_stats, cell_stats, buf, out):
+           key_fp, key_stat, last_draft, last_cell, meta, calib, level_stats, cell_stats, buf, fps, out):
     """Chain up to ``k`` tokens after ``row[:num_tokens]`` into ``out[r]``; returns the draft length.
 
     Each token comes from the request's own tables (slot ``s``) or, when none of its levels passes the gate,
@@ -326,11 +332,13 @@ def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cros
     ratio = min(max(ratio, 0.25), 2.0)
     n_out = 0
     for j in range(k):
-        level, top, top_count, total, matched = _lookup(key_fp[s], key_stat[s], buf, blen, n_min, n_max,
+        longest = min(blen, n_max - 1)
+        key_fingerprints(buf, blen, longest, fps)
+        level, top, top_count, total, matched = _lookup(key_fp[s], key_stat[s], fps, longest, n_min, n_max,
                                                         min_count, min_share)
         if level < 0 and g >= 0:
-            lv, top, top_count, total, cross_matched = _lookup(key_fp[g], key_stat[g], buf, blen, n_min, n_max,
-                                                               cross_min_count, min_share)
+            lv, top, top_count, total, cross_matched = _lookup(key_fp[g], key_stat[g], fps, longest, n_min,
+                                                               n_max, cross_min_count, min_share)
             matched = matched or cross_matched
             if lv >= 0:
                 level = num_levels + lv
@@ -389,7 +397,8 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
     request's own table holds) is also folded into it, so later requests can draft from earlier outputs.
     When it reaches ``cross_max_entries`` it is cleared and starts again (bounded memory, recent content).
     """
-    buf = np.empty(n_max - 1 + out_drafts.shape[1], np.int32)
+    buf = np.empty(n_max - 1 + out_drafts.shape[1], np.int32)  # the chain being drafted
+    fps = np.empty(n_max, np.int64)  # key fingerprints of every level at one position
     g = cross_slot
     for r in range(slots.size):
         out_lens[r] = 0
@@ -404,19 +413,19 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
         start = meta[s, META_CONSUMED]
         if n > start:
             _feedback(s, row, start, n, last_draft, last_cell, meta, calib, level_stats, cell_stats)
-            _consume(s, row, start, n, n_min, n_max, key_fp, key_stat, pair_fp, pair_cnt, meta, max_entries)
+            _consume(s, row, start, n, n_min, n_max, key_fp, key_stat, pair_fp, pair_cnt, meta, max_entries, fps)
             if g >= 0 and start > 0:
                 if meta[g, META_KEYS] + (n - start) * (n_max - n_min + 1) > cross_max_entries:
                     _clear_tables(g, key_fp, key_stat, pair_fp, pair_cnt, meta)
                 _consume(g, row, start, n, n_min, n_max, key_fp, key_stat, pair_fp, pair_cnt, meta,
-                         cross_max_entries)
+                         cross_max_entries, fps)
         k = min(max_draft[r], out_drafts.shape[1])
         if k <= 0 or n <= 0:
             meta[s, META_LAST_DRAFT_LEN] = 0
             continue
         out_lens[r] = _draft(s, g, r, row, n, k, n_min, n_max, min_count, min_share, cross_min_count,
                              stop_probability, key_fp, key_stat, last_draft, last_cell, meta, calib,
-                             level_stats, cell_stats, buf, out_drafts)
+                             level_stats, cell_stats, buf, fps, out_drafts)
 
 
 @njit(cache=True)
