@@ -143,7 +143,8 @@ def run_job(method, batch, refs, args) -> dict:
     if proc.returncode != 0 or not out_path.exists():
         return {"method": method, "batch": batch, "error": f"engine exited with {proc.returncode}"}
     result = json.loads(out_path.read_text())
-    out_path.unlink()
+    # Keep each job's raw result, so an interrupted run still leaves what it measured.
+    out_path.replace(RESULTS / f"engine_job_{tag}.json")
     job_path.unlink()
     return result
 
