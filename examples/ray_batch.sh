@@ -12,7 +12,7 @@ cat > "$WORK/prompts.jsonl" <<'JSONL'
 {"id": "fib", "prompt": "Write a Python function that returns the n-th Fibonacci number.\n"}
 {"id": "sort", "prompt": "Explain how merge sort works, step by step.\n"}
 {"id": "json", "prompt": "List three colours as a JSON array of objects with the keys name and hex.\n"}
-{"id": "tokens", "prompt_token_ids": [1, 504, 3458, 282, 4649, 314]}
+{"id": "capital", "prompt_token_ids": [504, 3575, 282, 4649, 314]}
 JSONL
 python -m vllm_anpd.batch --input "$WORK/prompts.jsonl" --output "$WORK/out.jsonl" \
   --num-engines "$NUM_ENGINES" ${ADDRESS:+--address "$ADDRESS"} \

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,17 +36,22 @@ class FakeEngine:
 
     Every generate() appends its row indexes to LOG (actors are other processes), and adds one draft per
     row to its counters. With CRASH_INDEX, the first shard holding that row kills the actor's process,
-    once (MARKER remembers it across the restart), as a crashed engine or an OOM kill would.
+    once (MARKER remembers it across the restart; without MARKER, every time), as a crashed engine or an
+    OOM kill would. The restarted engine takes RESTART_SECONDS to build, as a real one takes minutes.
     """
 
-    def __init__(self, log: str, crash_index: int | None = None, marker: str | None = None):
+    def __init__(self, log: str, crash_index: int | None = None, marker: str | None = None,
+                 restart_seconds: float = 0.0):
         self.log, self.crash_index, self.marker = log, crash_index, marker
         self.drafts = 0
+        if marker and os.path.exists(marker):
+            time.sleep(restart_seconds)
 
     def generate(self, rows, sampling):
         indexes = [r["index"] for r in rows]
-        if self.crash_index in indexes and not os.path.exists(self.marker):
-            Path(self.marker).touch()
+        if self.crash_index in indexes and not (self.marker and os.path.exists(self.marker)):
+            if self.marker:
+                Path(self.marker).touch()
             os._exit(1)
         with open(self.log, "a") as f:
             f.write(json.dumps(indexes) + "\n")
@@ -148,6 +154,27 @@ def test_work_dir_of_another_job_is_refused(tmp_path):
         batch.claim_work_dir(tmp_path, batch.job_manifest(other, 4, sampling, None, batch.DEFAULT_SPECULATIVE_CONFIG))
 
 
+# --- core pinning ------------------------------------------------------------------------------------
+
+def test_engines_of_one_machine_claim_different_cores(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    claimed = []
+    for _ in range(3):  # each claim stands for one engine process; its locks are held until it exits
+        locks = batch.pin_engine_cores(2, lock_dir=tmp_path)
+        claimed.append((os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None), locks))
+    assert [binding for binding, _ in claimed] == ["0,1", "2,3", None]  # one core left: too few for a third
+    for lock in claimed[0][1]:  # the first engine exits: its cores are free again
+        lock.close()
+    assert batch.pin_engine_cores(2, lock_dir=tmp_path) and os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"
+
+
+def test_a_binding_set_by_the_user_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    assert batch.pin_engine_cores(1, lock_dir=tmp_path) is None
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+
+
 # --- run_batch on a local Ray, fake engines -----------------------------------------------------------
 
 def test_run_batch_fake_engines_output_in_input_order(local_ray, tmp_path):
@@ -163,7 +190,8 @@ def test_run_batch_fake_engines_output_in_input_order(local_ray, tmp_path):
     assert (summary.num_shards, summary.resumed_shards, summary.retried_shards) == (4, 0, 0)
     assert summary.output_tokens == 20
     assert summary.spec["vllm:spec_decode_num_drafts"] == 10  # per-shard deltas, summed over both engines
-    assert "tok/s" in summary.report() and "acceptance rate 0.400" in summary.report()
+    assert "tok/s" in summary.report()
+    assert "acceptance rate 0.400, mean acceptance length 3.00" in summary.report()
 
 
 def test_rerun_skips_finished_shards_and_rewrites_the_same_output(local_ray, tmp_path):
@@ -187,17 +215,28 @@ def test_rerun_skips_finished_shards_and_rewrites_the_same_output(local_ray, tmp
     assert not log.exists() and out.read_bytes() == first
 
 
-def test_dead_actor_shard_is_retried_without_loss_or_duplication(local_ray, tmp_path):
+@pytest.mark.parametrize("restart_seconds", [0.0, 4.0])
+def test_dead_actor_shard_is_retried_without_loss_or_duplication(local_ray, tmp_path, restart_seconds):
     src = write_jsonl(tmp_path / "in.jsonl", prompt_rows(9))
     log, marker = tmp_path / "calls.log", tmp_path / "crashed"
+    # While Ray restarts the dead engine, calls to it fail at once: the shard must not be spent on it.
     summary = batch.run_batch(src, tmp_path / "out.jsonl", num_engines=2, shard_size=2, progress=False,
-                              engine_factory=lambda: FakeEngine(str(log), crash_index=5, marker=str(marker)))
+                              engine_factory=lambda: FakeEngine(str(log), crash_index=5, marker=str(marker),
+                                                                restart_seconds=restart_seconds))
     assert marker.exists()  # the actor did die once
     assert summary.retried_shards == 1
     assert [r["index"] for r in read_jsonl(tmp_path / "out.jsonl")] == list(range(9))
     ran = sorted(i for shard in logged_shards(log) for i in shard)
     assert ran == list(range(9))  # every row generated once: the dead attempt left nothing
     assert summary.spec["vllm:spec_decode_num_drafts"] == 9
+
+
+def test_shard_that_always_kills_its_engine_fails_the_run(local_ray, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", prompt_rows(4))
+    with pytest.raises(batch.ShardFailed, match="shard 1 lost its engine 2 times"):
+        batch.run_batch(src, tmp_path / "out.jsonl", num_engines=1, shard_size=2, max_retries=1, progress=False,
+                        engine_factory=lambda: FakeEngine(str(tmp_path / "log"), crash_index=3))
+    assert batch.shard_path(tmp_path / "out.jsonl.shards", 0).exists()  # the good shard is kept for a rerun
 
 
 def test_too_many_engines_for_a_local_machine_is_an_error(local_ray, tmp_path):
@@ -214,8 +253,11 @@ def test_two_anpd_engines_equal_one_engine_without_speculation(local_ray, tmp_pa
     from engine_helpers import greedy, make_llm, shutdown, spec_bench_prompts, token_ids
 
     max_tokens = 48
+    # Eager mode on both sides: vLLM CPU recompiles the model at every engine start (its compile cache fails
+    # to load here), about 2 minutes an engine; the compiled path was checked the same way by hand.
+    eager = {"enforce_eager": True}
     # The reference: one plain engine in this process, no speculation, float32 greedy.
-    llm = make_llm(None, kv_cache_memory_bytes=2**30)
+    llm = make_llm(None, kv_cache_memory_bytes=2**30, **eager)
     try:
         tokenizer = llm.get_tokenizer()
         prompts = spec_bench_prompts(tokenizer, per_category=1)[:12]
@@ -227,7 +269,7 @@ def test_two_anpd_engines_equal_one_engine_without_speculation(local_ray, tmp_pa
         shutdown(llm)
 
     src, out, work = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", tmp_path / "work"
-    run = dict(num_engines=2, shard_size=4, max_tokens=max_tokens, work_dir=work, progress=False)
+    run = dict(num_engines=2, shard_size=4, max_tokens=max_tokens, work_dir=work, engine_args=eager, progress=False)
     summary = batch.run_batch(src, out, **run)
     print(summary.report())
     got = read_jsonl(out)

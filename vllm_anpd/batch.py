@@ -32,18 +32,27 @@ Multi-node
 
 CPU notes (vLLM CPU)
     vLLM's Ray *executor* refuses the CPU platform, so each actor holds a plain ``LLM`` (multiprocessing
-    executor: engine-core and worker processes under the actor). Each engine is given ``--cpus-per-engine``
-    Ray CPUs (default 1), its OpenMP threads are pinned to cores of its own (see ``_cpu_binding_env``)
-    rather than vLLM's automatic binding, which would put every engine of a node on the same cores, and
-    its KV cache is an explicit ``--kv-cache-gib`` (default 1 GiB) rather than a fraction of the machine's
-    memory, so that several engines fit on one machine.
+    executor: engine-core and worker processes under the actor; they exit when the actor dies). Each
+    engine asks Ray for ``--cpus-per-engine`` CPUs (default 1) and gets an explicit KV cache
+    (``--kv-cache-gib``, default 1 GiB) instead of vLLM CPU's default, a fraction of the machine's memory
+    that every engine would claim. Each engine claims free cores of its machine and pins its OpenMP
+    threads to them (``VLLM_CPU_OMP_THREADS_BIND``, see ``pin_engine_cores``): with vLLM's automatic
+    binding every engine of a machine binds to the same cores. Measured on 2 cores (24 Spec-Bench prompts, 128 tokens,
+    eager): 1 engine 36 tok/s; 2 engines pinned to cores 0 and 1, 74 tok/s; 2 engines with the automatic
+    binding, 35 tok/s. Compiled (the default), 1 engine gives 47 tok/s, but vLLM CPU recompiles the model
+    at every engine start here (its compile cache fails to load), about 2 minutes an engine;
+    ``--engine-args '{"enforce_eager": true}'`` starts in about 1 minute.
 
-Why not Ray Data LLM (``ray.data.llm``)
-    Ray's own batch-inference stage cannot be used with this vLLM here: its ``ray[llm]`` extra pins
-    ``vllm[audio]==0.29.0`` (the CUDA build, plus nixl-cu13), which would replace vllm-cpu 0.32.0 and
-    torch; it builds ``AsyncLLMEngine`` replicas that ask Ray for one GPU each unless a CPU-only
-    placement group is given, and it reports no spec-decode counters per shard. See
-    ``RAY_DATA_LLM_ON_CPU`` below for what was tried.
+Ray Data LLM (``ray.data.llm``) instead?
+    It can run here, but only around four obstacles, and it would lose what this module adds. (1) Its
+    ``ray[llm]`` extra pins ``vllm[audio]==0.29.0`` (the CUDA build, with nixl-cu13), which would replace
+    vllm-cpu 0.32.0 and torch; it has to be used from ``ray[data]`` with the vLLM already installed.
+    (2) Each replica asks Ray for a GPU unless ``placement_group_config={"bundles": [{"CPU": 1}]}``.
+    (3) ``log_engine_metrics`` (on by default) imports ``ray.serve`` through vLLM's Ray metrics wrapper,
+    which needs ``ray[serve]``; off, it ran ANPD on CPU (checked with vllm-cpu 0.32.0, Ray 2.60.0).
+    (4) All replicas share one runtime environment, so they cannot be pinned to different cores: on one
+    machine, several replicas all bind to the same cores (no speed-up, as measured above). It also has no
+    resumable shard files and no spec-decode counters per shard.
 
 Programmatic use: ``run_batch(input_path, output_path, ...)`` returns a ``BatchSummary``; its
 ``engine_factory`` argument swaps the vLLM engine for any picklable zero-argument callable that returns an
@@ -54,12 +63,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -199,7 +210,9 @@ class VllmEngine:
     """One vLLM ``LLM`` with a speculative config; what each Ray actor holds."""
 
     def __init__(self, model: str | None = None, speculative_config: dict | None = None,
-                 kv_cache_gib: float = 1.0, max_num_seqs: int | None = None, **engine_overrides):
+                 kv_cache_gib: float = 1.0, max_num_seqs: int | None = None, cpus_per_engine: int = 1,
+                 **engine_overrides):
+        self.core_locks = pin_engine_cores(cpus_per_engine)  # before vLLM reads its environment
         from vllm import LLM
 
         from vllm_anpd import models
@@ -271,19 +284,34 @@ class ShardWorker:
         return {"shard_id": shard_id, "rows": out_rows, "spec": spec}
 
 
-def _cpu_binding_env(slot: int, cpus_per_engine: int) -> dict[str, str]:
-    """Environment for engine number SLOT on a machine of its own: pin its OpenMP threads to its own cores.
+def pin_engine_cores(cpus_per_engine: int, lock_dir: str | os.PathLike | None = None):
+    """Claim CPUS_PER_ENGINE free cores of this machine for one engine and bind its OpenMP threads to them.
 
-    vLLM CPU's automatic binding ("auto") gives a one-NUMA-node machine's cores, less one reserved for the
-    engine-core process, to *the* worker, so every engine on the machine would share the same cores. An
-    explicit core list per engine keeps them apart. Only used when the driver knows all actors are on
-    this machine (a local Ray); on a joined cluster, where an actor's node is not known beforehand, the
-    engines keep vLLM's automatic binding, right for one engine per node.
+    Why: vLLM CPU's automatic binding gives a one-NUMA-node machine's cores (less one kept for the
+    engine-core process) to *the* engine, so every engine on the machine binds to the same cores. A core is
+    claimed with an exclusive lock on a per-core file, held by this process: engines of one machine, of
+    any job, get different cores, and a dead engine's cores free themselves. Sets
+    ``VLLM_CPU_OMP_THREADS_BIND``, read by the engine processes started afterwards. Returns the held lock
+    files, or None (vLLM's own binding stays) when the binding was set by the user or too few cores are free.
     """
-    cores = sorted(os.sched_getaffinity(0))
-    first = (slot * cpus_per_engine) % len(cores)
-    mine = [cores[(first + i) % len(cores)] for i in range(min(cpus_per_engine, len(cores)))]
-    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine))}
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return None
+    lock_dir = Path(lock_dir or tempfile.gettempdir())
+    held = []
+    for core in sorted(os.sched_getaffinity(0)):
+        lock = open(lock_dir / f"vllm_anpd_core_{core}.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        held.append((core, lock))
+        if len(held) == cpus_per_engine:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c, _ in held)
+            return [lock for _, lock in held]
+    for _, lock in held:
+        lock.close()
+    return None
 
 
 # --- driver ------------------------------------------------------------------------------------------
@@ -310,9 +338,9 @@ class BatchSummary:
                  f"{self.tokens_per_second:.1f} tok/s"]
         drafts, drafted, accepted = (self.spec.get(k, 0) for k in SPEC_COUNTERS)
         if drafts:
+            # "Mean acceptance length" as vLLM logs it: tokens per verification step, the bonus token included.
             lines.append(f"speculation: {drafts} drafts, {drafted} draft tokens, {accepted} accepted: acceptance "
-                         f"rate {accepted / max(drafted, 1):.3f}, mean accepted length {accepted / drafts:.2f} "
-                         f"(+1 bonus token per step)")
+                         f"rate {accepted / max(drafted, 1):.3f}, mean acceptance length {1 + accepted / drafts:.2f}")
         elif self.output_tokens:
             lines.append("speculation: no drafts in this run")
         return "\n".join(lines)
@@ -330,7 +358,7 @@ def run_batch(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
               engine_factory: Callable[[], Any] | None = None, progress: bool = True) -> BatchSummary:
     """Generate a completion for every row of INPUT_PATH into OUTPUT_PATH; see the module docstring."""
     import ray
-    from ray.exceptions import OutOfMemoryError, RayActorError
+    from ray.exceptions import ActorUnavailableError, OutOfMemoryError, RayActorError, RayTaskError
     from tqdm import tqdm
 
     if num_engines < 1 or cpus_per_engine < 1:
@@ -358,28 +386,27 @@ def run_batch(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
             ray.init(address=address)
         else:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
-    # Actors pinned to cores by slot only when all of them are on this machine (see _cpu_binding_env).
-    single_machine = len([n for n in ray.nodes() if n["Alive"]]) == 1
     available = ray.cluster_resources().get("CPU", 0)
     if num_engines * cpus_per_engine > available:
         msg = f"{num_engines} engines x {cpus_per_engine} CPUs exceed the cluster's {available:g} CPUs"
-        if single_machine:
+        # One machine and no cluster address: nothing will ever add CPUs, the extra engines would wait forever.
+        # A joined cluster may autoscale, so there the extra engines wait.
+        if not address and len([n for n in ray.nodes() if n["Alive"]]) == 1:
             raise ValueError(msg)
         logger.warning("%s; the extra engines wait for resources", msg)
 
     if engine_factory is None:
         engine_factory = functools.partial(VllmEngine, model=model, speculative_config=speculative_config,
-                                           kv_cache_gib=kv_cache_gib, max_num_seqs=shard_size, **(engine_args or {}))
+                                           kv_cache_gib=kv_cache_gib, max_num_seqs=shard_size,
+                                           cpus_per_engine=cpus_per_engine, **(engine_args or {}))
     # max_restarts: Ray rebuilds a dead actor (and its engine); the driver resubmits what it was running.
     worker_cls = ray.remote(num_cpus=cpus_per_engine, max_restarts=max_retries, max_task_retries=0,
                             scheduling_strategy="SPREAD")(ShardWorker)
     num_engines = min(num_engines, len(todo))
     workers = []
-    for slot in range(num_engines):
-        env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-               "OMP_NUM_THREADS": str(cpus_per_engine)}
-        if single_machine:
-            env.update(_cpu_binding_env(slot, cpus_per_engine))
+    env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+           "OMP_NUM_THREADS": str(cpus_per_engine)}  # the actor's own torch threads
+    for _ in range(num_engines):
         workers.append(worker_cls.options(runtime_env={"env_vars": env}).remote(engine_factory))
     try:
         # Wait for every engine before timing generation, and surface a failing engine start at once.
@@ -387,42 +414,55 @@ def run_batch(input_path: str | os.PathLike, output_path: str | os.PathLike, *, 
         summary.startup_seconds = time.perf_counter() - started
 
         gen_started = time.perf_counter()
-        failures_of_worker = [0] * len(workers)
         attempts = dict.fromkeys(todo, 0)
         idle = deque(range(len(workers)))
-        running: dict[Any, tuple[int, int]] = {}  # object ref -> (worker, shard)
+        probe_at: dict[int, float] = {}  # engine being restarted by Ray -> when to ask again whether it is up
+        calls: dict[Any, tuple[int, int | None]] = {}  # object ref -> (engine, shard; None for a probe)
         with tqdm(total=len(shards), initial=len(done), unit="shard", disable=not progress) as bar:
-            while todo or running:
+            while todo or any(shard_id is not None for _, shard_id in calls.values()):
+                for w, when in list(probe_at.items()):
+                    if when <= time.monotonic():
+                        del probe_at[w]
+                        calls[workers[w].where.remote()] = (w, None)
                 while todo and idle:  # one shard in flight per engine: the best balance at the tail
                     w, shard_id = idle.popleft(), todo.popleft()
-                    ref = workers[w].run_shard.remote(shard_id, shards[shard_id], sampling)
-                    running[ref] = (w, shard_id)
-                if not running:
+                    calls[workers[w].run_shard.remote(shard_id, shards[shard_id], sampling)] = (w, shard_id)
+                if not calls and not probe_at:
                     raise ShardFailed(f"every engine died; shards {sorted(todo)} not done")
-                [ref], _ = ray.wait(list(running), num_returns=1)
-                w, shard_id = running.pop(ref)
+                ready, _ = ray.wait(list(calls), num_returns=1, timeout=1.0)
+                if not ready:
+                    continue
+                w, shard_id = calls.pop(ready[0])
                 try:
-                    result = ray.get(ref)
+                    result = ray.get(ready[0])
                 except (RayActorError, OutOfMemoryError) as e:
-                    # The actor died while running it: nothing of this attempt was written, so run it again.
+                    # The engine's actor died (killed, OOM, crashed engine) or is still being restarted by Ray.
+                    # A restarting actor refuses calls at once, so it gets no shard until a probe finds it up.
+                    if shard_id is None:  # a probe: still restarting, or dead for good (out of restarts)
+                        if isinstance(e, ActorUnavailableError):
+                            probe_at[w] = time.monotonic() + 2.0
+                        continue
+                    probe_at[w] = time.monotonic() + 2.0
+                    # Nothing of the lost attempt was written, so the shard runs again, on any engine.
                     attempts[shard_id] += 1
-                    failures_of_worker[w] += 1
                     summary.retried_shards += 1
                     if attempts[shard_id] > max_retries:
                         raise ShardFailed(f"shard {shard_id} lost its engine {attempts[shard_id]} times") from e
-                    logger.warning("shard %d: engine %d died (%s); retrying", shard_id, w, type(e).__name__)
+                    logger.warning("shard %d: engine %d lost (%s); retrying", shard_id, w, type(e).__name__)
                     todo.appendleft(shard_id)
-                    if failures_of_worker[w] <= max_retries:  # Ray restarts it; calls wait for the restart
-                        idle.append(w)
                     continue
-                except ray.exceptions.RayTaskError as e:  # the engine refused the shard: retrying won't help
+                except RayTaskError as e:  # the engine refused the shard (a Python error): retrying won't help
+                    if shard_id is None:
+                        raise
                     first, last = shards[shard_id][0]["index"], shards[shard_id][-1]["index"]
                     raise ShardFailed(f"shard {shard_id} (rows {first}-{last}) failed: {e}") from e
+                idle.append(w)
+                if shard_id is None:
+                    continue
                 write_atomically(shard_path(work, shard_id), to_jsonl(result["rows"]))
                 summary.output_tokens += sum(r["num_output_tokens"] for r in result["rows"])
                 for k in SPEC_COUNTERS:
                     summary.spec[k] += result["spec"].get(k, 0)
-                idle.append(w)
                 bar.update(1)
         summary.generation_seconds = time.perf_counter() - gen_started
     finally:
