@@ -1,7 +1,7 @@
 """End-to-end benchmark on real vLLM engines: no speculation, vLLM ngram, vLLM suffix, ANPD and an oracle
 drafter, on the same Spec-Bench prompts, in one run.
 
-    python benchmarks/engine_bench.py                      # default subset (~30 min on 2 cores)
+    python benchmarks/engine_bench.py                      # default subset: 26 prompts (2 per category)
     python benchmarks/engine_bench.py --full               # all 480 prompts
     python benchmarks/engine_bench.py --methods none anpd --batches 1 --per-category 1
 
@@ -111,29 +111,34 @@ def drafter_seconds(llm) -> float:
 
 # --- the driver ---------------------------------------------------------------------------------------
 
-def load_prompts(args):
-    from replay import load_references
+def load_prompts(args, per_category):
+    """Spec-Bench first turns in the model's chat template, as token ids: ``per_category`` of each category
+    (file order), or all 480 with ``--full``."""
+    from transformers import AutoTokenizer
 
-    refs = load_references(256)
+    from vllm_anpd import models, specbench
+
+    tokenizer = AutoTokenizer.from_pretrained(models.default_model_path())
+    questions = specbench.load_questions()
     if not args.full:
-        taken = defaultdict(int)
-        sub = []
-        for r in refs:
-            if taken[r["category"]] < args.per_category:
-                taken[r["category"]] += 1
-                sub.append(r)
-        refs = sub
-    return refs
+        questions = specbench.stratified(questions, per_category)
+    return [{"category": q.category, "question_id": q.question_id,
+             "prompt_ids": tokenizer(specbench.chat_prompt(tokenizer, q.text), add_special_tokens=False)["input_ids"]}
+            for q in questions]
 
 
-def run_job(method, batch, refs, args) -> dict:
+def run_job(method, batch, refs, args, reference=None) -> dict:
+    """One engine in a subprocess. The oracle drafts REFERENCE, the no-speculation run's output tokens."""
     RESULTS.mkdir(exist_ok=True)
     tag = f"{method}_b{batch}"
     job_path = RESULTS / f".job_{tag}.json"
     out_path = RESULTS / f".out_{tag}.json"
     oracle_refs = RESULTS / ".oracle_refs.jsonl"
-    oracle_refs.write_text("".join(json.dumps({"prompt_ids": r["prompt_ids"], "output_ids": r["output_ids"]}) + "\n"
-                                   for r in refs))
+    if method == "oracle":
+        if reference is None:
+            return {"method": method, "batch": batch, "error": "the oracle needs the 'none' run of this batch"}
+        oracle_refs.write_text("".join(json.dumps({"prompt_ids": r["prompt_ids"], "output_ids": out}) + "\n"
+                                       for r, out in zip(refs, reference["tokens"])))
     job = {"method": method, "batch": batch, "dtype": args.dtype, "max_tokens": args.max_tokens,
            "spec": speculative_config(method, args.k, args), "prompts": [r["prompt_ids"] for r in refs],
            "oracle_refs": str(oracle_refs)}
@@ -149,8 +154,8 @@ def run_job(method, batch, refs, args) -> dict:
     return result
 
 
-def summarize(results, refs):
-    cats = sorted({r["category"] for r in refs})
+def summarize(results):
+    cats = sorted({c for res in results if "error" not in res for c in res["categories"]})
     table = {}
     for res in results:
         if "error" in res:
@@ -158,7 +163,7 @@ def summarize(results, refs):
         key = f"{res['method']} b={res['batch']}"
         row = {}
         for c in cats + ["overall"]:
-            idx = [i for i, r in enumerate(refs) if c == "overall" or r["category"] == c]
+            idx = [i for i, rc in enumerate(res["categories"]) if c == "overall" or rc == c]
             out = sum(len(res["tokens"][i]) for i in idx)
             st = sum(res["steps"][i] for i in idx)
             row[c] = out / st if st else 0.0
@@ -166,7 +171,7 @@ def summarize(results, refs):
         cnt = res["counters"]
         drafted = cnt.get("vllm:spec_decode_num_draft_tokens", 0)
         accepted = cnt.get("vllm:spec_decode_num_accepted_tokens", 0)
-        table[key] = {"method": res["method"], "batch": res["batch"], "mat": row,
+        table[key] = {"method": res["method"], "batch": res["batch"], "prompts": len(res["tokens"]), "mat": row,
                       "tok_per_s": total_out / res["elapsed"], "elapsed": res["elapsed"],
                       "acceptance_rate": accepted / drafted if drafted else None,
                       "proposer_share": res["drafter_seconds"] / res["elapsed"]}
@@ -184,14 +189,14 @@ def summarize(results, refs):
 
 
 def markdown(cats, table, args) -> str:
-    lines = [f"Spec-Bench subset: {args.n_prompts} prompts ({'all' if args.full else f'{args.per_category} per category'}),"
+    lines = [f"Spec-Bench first turns ({'all 480' if args.full else f'{args.per_category} per category at batch 1, {args.per_category_batched} per category at larger batches'}),"
              f" k = {args.k}, max_tokens = {args.max_tokens}, {args.dtype}, greedy. vLLM CPU 0.32.0, SmolLM2-135M-Instruct.",
-             "", "| method | batch | MAT | accept rate | tok/s | speedup vs none | proposer share | outputs != none |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| method | batch | prompts | MAT | accept rate | tok/s | speedup vs none | proposer share | outputs != none |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, r in table.items():
         acc = f"{r['acceptance_rate']:.2f}" if r["acceptance_rate"] is not None else "-"
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
-        lines.append(f"| {r['method']} | {r['batch']} | {r['mat']['overall']:.2f} | {acc} | {r['tok_per_s']:.1f} | "
+        lines.append(f"| {r['method']} | {r['batch']} | {r['prompts']} | {r['mat']['overall']:.2f} | {acc} | {r['tok_per_s']:.1f} | "
                      f"{sp} | {100 * r['proposer_share']:.1f}% | {r.get('outputs_differ', '-')} |")
     lines += ["", "MAT per category (batch 1 runs if present):", "",
               "| method | " + " | ".join(cats) + " |", "|---|" + "---:|" * len(cats)]
@@ -254,7 +259,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--per-category", type=int, default=2)
+    ap.add_argument("--per-category", type=int, default=2, help="prompts per category at batch 1")
+    ap.add_argument("--per-category-batched", type=int, default=5, help="prompts per category at batch > 1")
     ap.add_argument("--full", action="store_true", help="all 480 Spec-Bench prompts")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=5)
@@ -270,17 +276,21 @@ def main():
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    refs = load_prompts(args)
-    args.n_prompts = len(refs)
     results = []
+    methods = sorted(args.methods, key=METHODS.index)  # "none" first: the oracle replays its outputs
     for batch in args.batches:
-        for method in args.methods:
+        refs = load_prompts(args, args.per_category if batch == 1 else args.per_category_batched)
+        reference = None
+        for method in methods:
             print(f"== {method}, batch {batch}, {len(refs)} prompts", flush=True)
-            res = run_job(method, batch, refs, args)
+            res = run_job(method, batch, refs, args, reference)
+            res["categories"] = [r["category"] for r in refs]
+            if method == "none" and "error" not in res:
+                reference = res
             if "error" in res:
                 print(f"   {method} failed: {res['error']}", flush=True)
             results.append(res)
-    cats, table = summarize(results, refs)
+    cats, table = summarize(results)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "engine_bench.json").write_text(json.dumps({"args": vars(args), "table": table,
                                                            "errors": [r for r in results if "error" in r]},
