@@ -2,8 +2,8 @@
 
     python benchmarks/step_cost.py [--contexts 1024 4096 16384 32768] [--batches 1 16 64 256] [--steps 20]
 
-Each request's context is real text (Spec-Bench prompts and reference outputs tiled, or random tokens if
-the references are not cached). ANPD first folds the context in (not timed, that is prefill); then each
+Each request's context is real text (Spec-Bench prompts and reference outputs tiled, or the Spec-Bench
+prompts alone if the references are not cached). ANPD first folds the context in (not timed, that is prefill); then each
 timed step appends two tokens per request (one accepted draft token + the bonus token) and drafts k = 8,
 as an engine step does. vLLM's ngram proposer rescans the context at every step. Median microseconds per
 step; writes ``benchmarks/results/step_cost.{json,md,png}``.
@@ -12,6 +12,7 @@ step; writes ``benchmarks/results/step_cost.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -30,13 +31,27 @@ RESULTS = Path(__file__).resolve().parent / "results"
 K = 8
 
 
-def text_stream(length: int) -> np.ndarray:
+@functools.lru_cache(maxsize=1)
+def base_stream() -> np.ndarray:
+    """Real token streams: prompts + reference outputs if cached, else the Spec-Bench prompts tokenized."""
     path = reference_path(256)
     if path.exists():
         seqs = [json.loads(line) for line in open(path)]
         stream = np.concatenate([np.array(s["prompt_ids"] + s["output_ids"], np.int32) for s in seqs])
     else:
-        stream = np.random.default_rng(0).integers(0, 49152, 1_000_000).astype(np.int32)
+        from transformers import AutoTokenizer
+
+        from vllm_anpd import models, specbench
+
+        tokenizer = AutoTokenizer.from_pretrained(models.default_model_path())
+        texts = [specbench.chat_prompt(tokenizer, q.text) for q in specbench.load_questions()]
+        stream = np.concatenate([np.array(tokenizer(t, add_special_tokens=False)["input_ids"], np.int32)
+                                 for t in texts])
+    return stream
+
+
+def text_stream(length: int) -> np.ndarray:
+    stream = base_stream()
     reps = -(-length // len(stream))
     return np.tile(stream, reps)[:length]
 
