@@ -4,6 +4,7 @@ drafter, on the same Spec-Bench prompts, in one run.
     python benchmarks/engine_bench.py                      # default subset: 26 prompts (2 per category)
     python benchmarks/engine_bench.py --full               # all 480 prompts
     python benchmarks/engine_bench.py --methods none anpd --batches 1 --per-category 1
+    python benchmarks/engine_bench.py --reuse               # re-run only jobs without a saved raw result
 
 Each (method, batch) runs in its own subprocess, one engine at a time. Greedy, fixed max_tokens, float32 by
 default, so outputs can be checked equal across methods. Per request, target forward steps are counted from
@@ -87,7 +88,8 @@ def worker(args) -> None:
     bar.close()
     after = counters(llm)
     result = {
-        "method": job["method"], "batch": job["batch"], "elapsed": elapsed, "steps": steps, "tokens": tokens,
+        "method": job["method"], "batch": job["batch"], "spec": job["spec"], "prompts": job["prompts"],
+        "elapsed": elapsed, "steps": steps, "tokens": tokens,
         "counters": {k: after.get(k, 0) - before.get(k, 0) for k in after},
         "drafter_seconds": (drafter_seconds(llm) - drafter_before) if has_drafter else 0.0,
     }
@@ -267,6 +269,9 @@ def main():
     ap.add_argument("--ngram-min", type=int, default=2, help="vLLM ngram prompt_lookup_min")
     ap.add_argument("--ngram-max", type=int, default=4, help="vLLM ngram prompt_lookup_max")
     ap.add_argument("--anpd", default="{}", help="extra anpd_* options as JSON")
+    ap.add_argument("--reuse", action="store_true",
+                    help="load a job's saved raw result (results/engine_job_<method>_b<batch>.json) instead of "
+                         "running it again; delete a file to re-run that job")
     ap.add_argument("--update-benchmarks-md", action="store_true")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -281,8 +286,15 @@ def main():
         refs = load_prompts(args, args.per_category if batch == 1 else args.per_category_batched)
         reference = None
         for method in methods:
-            print(f"== {method}, batch {batch}, {len(refs)} prompts", flush=True)
-            res = run_job(method, batch, refs, args, reference)
+            saved = RESULTS / f"engine_job_{method}_b{batch}.json"
+            if args.reuse and saved.exists():
+                res = json.loads(saved.read_text())
+                print(f"== {method}, batch {batch}: reusing {saved.name}", flush=True)
+                if res.get("prompts") != [r["prompt_ids"] for r in refs]:
+                    raise SystemExit(f"{saved.name} was measured on other prompts: delete it or drop --reuse")
+            else:
+                print(f"== {method}, batch {batch}, {len(refs)} prompts", flush=True)
+                res = run_job(method, batch, refs, args, reference)
             res["categories"] = [r["category"] for r in refs]
             if method == "none" and "error" not in res:
                 reference = res

@@ -51,6 +51,13 @@ class AnpdParams:
     accept ``A`` of ``D`` draft tokens; the proposer raises the stop probability to that bound each step.
     ``0`` disables it.
 
+    Step gate: ``draft_step_cost`` is the extra fixed cost of an engine step that verifies drafts, relative
+    to a plain step (``c / a`` in ``step time = a + b x tokens + c x [any draft]``). On vLLM CPU a step with
+    drafts costs about 0.45 plain steps more, whatever the draft lengths (measured with
+    ``benchmarks/engine_bench.py``: 60.6 ms per plain step at batch 1, +25 to 32 ms with drafts). The step's
+    drafts are withdrawn unless their expected accepted tokens ``E`` pay for it:
+    ``E (1 + verify_cost B) > B (verify_cost D + draft_step_cost)``. ``0`` disables it.
+
     Cross-request table: the tokens that requests generate are also counted in one table shared by all
     requests (bounded by ``cross_request_entries`` n-gram entries, cleared and restarted when full); a draft
     token comes from it only when none of the request's own levels passes the gate, and only if its top
@@ -64,6 +71,7 @@ class AnpdParams:
     min_share: tuple = 0.0
     stop_probability: float = 0.1
     verify_cost: float = 0.07
+    draft_step_cost: float = 0.45
     max_entries_per_request: int = 0  # 0: tables grow with the context (bounded by max_model_len)
     cross_request_entries: int = 262144  # 0: off; else the bound of the table shared across requests
     cross_min_count: int = 2  # the shared table's gate: a successor seen at least this often
@@ -95,6 +103,10 @@ class AnpdParams:
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 <= c <= 1000.0:
             raise ValueError(f"verify_cost={c!r}: must be a number in [0.0, 1000.0]")
         object.__setattr__(self, "verify_cost", float(c))
+        c = self.draft_step_cost
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 <= c <= 1000.0:
+            raise ValueError(f"draft_step_cost={c!r}: must be a number in [0.0, 1000.0]")
+        object.__setattr__(self, "draft_step_cost", float(c))
         object.__setattr__(self, "min_count", min_count)
         object.__setattr__(self, "min_share", min_share)
         object.__setattr__(self, "stop_probability", float(p))
@@ -111,9 +123,9 @@ class AnpdParams:
         return [f.name for f in dataclasses.fields(cls)]
 
 
-# The paper's ANPD: fixed draft length (k), no gate, no adaptive stop, no shared table; N = 5.
+# The paper's ANPD: fixed draft length (k), no gate, no adaptive stop, no step gate, no shared table; N = 5.
 PAPER = dict(n_min=2, n_max=5, min_count=1, min_share=0.0, stop_probability=0.0, verify_cost=0.0,
-             cross_request_entries=0)
+             draft_step_cost=0.0, cross_request_entries=0)
 
 
 def _strict_int(name):

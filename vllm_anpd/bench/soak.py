@@ -1,0 +1,75 @@
+"""Soak: many requests through one engine with ANPD; the proposer's memory must return to its baseline and
+the processes' RSS must stay bounded. Used by ``benchmarks/soak.py`` (1,000 requests) and, shorter, by the
+end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class SoakPoint:
+    requests_done: int
+    seconds: float
+    tracked_requests: int  # requests ANPD holds state for (after a step that released the finished ones)
+    request_bytes: int  # ANPD bytes without the bounded cross-request table
+    cross_request_bytes: int
+    rss_bytes: int  # this process and its children (engine core, workers)
+
+
+def process_tree_rss() -> int:
+    import psutil
+
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def measure(llm, requests_done: int, started: float) -> SoakPoint:
+    from vllm import SamplingParams
+
+    # One tiny request: its step makes vLLM's runner (and so ANPD) drop every finished request.
+    llm.generate(["Hi"], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    stats = [s for s in llm.collective_rpc("anpd_stats") if s][0]
+    cross = stats.get("cross_request", {}).get("bytes", 0)
+    return SoakPoint(requests_done, time.perf_counter() - started, stats["tracked_requests"],
+                     stats["bytes_in_use"] - cross, cross, process_tree_rss())
+
+
+def run_soak(llm, prompts: list, num_requests: int, wave: int, max_tokens: int, progress: bool = False) -> list:
+    """NUM_REQUESTS greedy requests (PROMPTS cycled) in waves of WAVE; a SoakPoint before the first wave
+    (after one warm-up wave, not counted) and after each wave. The engine needs ANPD's worker extension."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    llm.generate(prompts[:wave], params, use_tqdm=False)  # warm-up: compiled shapes, allocator pools
+    started = time.perf_counter()
+    points = [measure(llm, 0, started)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_requests, unit="req", desc="soak")
+    done = 0
+    while done < num_requests:
+        n = min(wave, num_requests - done)
+        batch = [prompts[(done + i) % len(prompts)] for i in range(n)]
+        llm.generate(batch, params, use_tqdm=False)
+        done += n
+        points.append(measure(llm, done, started))
+        if bar is not None:
+            bar.update(n)
+    if bar is not None:
+        bar.close()
+    return points
+
+
+def as_dicts(points: list) -> list:
+    return [asdict(p) for p in points]
