@@ -1,6 +1,7 @@
-"""Lifecycle edges on the real engine, each compared with the same engine without speculation (float32):
-requests ending exactly at max_model_len, chunked prefill, preemption (tiny KV cache), aborts mid-generation,
-sampled and n > 1 requests mixed into a greedy batch. Two engines, one after the other.
+"""Lifecycle and request edges on the real engine, each compared with the same engine without speculation
+(float32): requests ending exactly at max_model_len, chunked prefill, preemption (tiny KV cache), aborts
+mid-generation, sampled and n > 1 requests mixed into a greedy batch, max_tokens = 1, stop strings and EOS
+inside a draft, logprobs, structured output (JSON schema), an empty prompt. Two engines, one after the other.
 """
 
 from __future__ import annotations
@@ -43,8 +44,40 @@ def workload(tokenizer):
     return items
 
 
+def run_request_edges(llm):
+    """Token ids, finish reasons and logprobs of request_edges(), all in one batch."""
+    items = request_edges()
+    outs = llm.generate([p for p, _ in items], [s for _, s in items], use_tqdm=False)
+    return [{"ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text,
+             "finish": (o.outputs[0].finish_reason, o.outputs[0].stop_reason),
+             "logprobs": [{t: lp.logprob for t, lp in step.items()} for step in (o.outputs[0].logprobs or [])]}
+            for o in outs]
+
+
 def run(llm, items):
     return token_ids(llm.generate([p for p, _ in items], [s for _, s in items], use_tqdm=False))
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "planets": {"type": "array",
+          "items": {"type": "string"}, "maxItems": 8}}, "required": ["name", "planets"]}
+
+
+def request_edges():
+    """(prompt, SamplingParams) pairs for request options that interact with drafting."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return [
+        ("Count from 1 to 50, separated by commas.", greedy(1)),
+        # The stop string and the stop token sit inside text the drafter can predict (the prompt repeats it).
+        ("Repeat this sentence three times: " + REPEAT, greedy(200, stop=["lazy dog. The"])),
+        ("Repeat this sentence three times: " + REPEAT, greedy(200, stop_token_ids=[30])),  # token "."
+        ("Say hello.", greedy(120)),  # ends with EOS well before max_tokens
+        ("List the numbers from 1 to 40, separated by commas.", greedy(120, logprobs=3)),
+        ("Give the name of our solar system and its planets as JSON.",
+         SamplingParams(temperature=0.0, max_tokens=160,
+                        structured_outputs=StructuredOutputsParams(json=SCHEMA))),
+    ]
 
 
 def run_with_aborts(llm, prompts, abort_ids, abort_after_steps=6):
@@ -79,8 +112,9 @@ def baseline():
     # The greedy outputs of the mixed batch, from the same batch without speculation: float32 results can
     # depend on the batch's composition, so the reference is the same batch.
     ref_mixed = token_ids(llm.generate(*mixed_batch(), use_tqdm=False))
+    ref_requests = run_request_edges(llm)
     shutdown(llm)
-    return items, ref, ref_abort, ref_mixed
+    return items, ref, ref_abort, ref_mixed, ref_requests
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +129,7 @@ def num_preemptions(llm) -> float:
 
 
 def test_edges_equal_no_speculation(baseline, anpd_llm):
-    items, ref, _, _ = baseline
+    items, ref, *_ = baseline
     before = num_preemptions(anpd_llm)
     got = run(anpd_llm, items)
     for i, (g, r) in enumerate(zip(got, ref)):
@@ -110,7 +144,7 @@ def test_edges_equal_no_speculation(baseline, anpd_llm):
 
 
 def test_aborts_mid_generation(baseline, anpd_llm):
-    _, _, ref_abort, _ = baseline
+    _, _, ref_abort, *_ = baseline
     done = run_with_aborts(anpd_llm, PROMPTS[:4], abort_ids=[1, 2])
     for rid in ("req-0", "req-3"):
         assert done[rid] == ref_abort[rid]
@@ -120,7 +154,7 @@ def test_aborts_mid_generation(baseline, anpd_llm):
 
 
 def test_sampled_and_n_gt_1_mixed_with_greedy(baseline, anpd_llm):
-    _, _, _, ref_mixed = baseline
+    ref_mixed = baseline[3]
     outs = anpd_llm.generate(*mixed_batch(), use_tqdm=False)
     assert list(outs[0].outputs[0].token_ids) == ref_mixed[0]
     assert list(outs[2].outputs[0].token_ids) == ref_mixed[2]
@@ -129,3 +163,46 @@ def test_sampled_and_n_gt_1_mixed_with_greedy(baseline, anpd_llm):
     anpd_llm.generate(["Hi"], greedy(1), use_tqdm=False)
     stats = drafter_stats(anpd_llm)
     assert stats["tracked_requests"] == stats["runner_requests"] <= 1
+
+
+def test_request_options_equal_no_speculation(baseline, anpd_llm):
+    import json
+
+    ref = baseline[4]
+    got = run_request_edges(anpd_llm)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert g["ids"] == r["ids"] and g["finish"] == r["finish"], f"request edge {i} differs"
+    assert len(got[0]["ids"]) == 1
+    assert got[1]["finish"] == ("stop", "lazy dog. The") and "lazy dog. The" not in got[1]["text"]
+    assert got[2]["finish"] == ("stop", 30)
+    assert got[3]["finish"][0] == "stop" and len(got[3]["ids"]) < 120  # EOS
+    # Logprobs of verified draft tokens come from the same target pass as without speculation.
+    assert len(got[4]["logprobs"]) == len(got[4]["ids"]) > 0
+    for step_got, step_ref in zip(got[4]["logprobs"], ref[4]["logprobs"]):
+        assert set(step_got) == set(step_ref)
+        assert all(abs(step_got[t] - step_ref[t]) < 1e-3 for t in step_ref)
+    answer = json.loads(got[5]["text"])  # structured output still holds with drafts
+    assert set(answer) >= {"name", "planets"}
+    assert drafter_stats(anpd_llm)["accepted_tokens"] > 0
+
+
+def test_empty_prompt_is_refused_and_the_engine_keeps_serving(anpd_llm):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="prompt cannot be empty"):
+        anpd_llm.generate([{"prompt_token_ids": []}], greedy(8), use_tqdm=False)
+    out = anpd_llm.generate(["Say hello."], greedy(8), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) > 0
+
+
+def test_short_soak_releases_every_request(anpd_llm):
+    """The CI version of benchmarks/soak.py: 120 requests; ANPD's per-request memory returns to its baseline."""
+    from vllm_anpd.bench.soak import run_soak
+
+    prompts = [p for p in PROMPTS if len(p) < 200]
+    points = run_soak(anpd_llm, prompts, num_requests=120, wave=8, max_tokens=24)
+    assert [p.requests_done for p in points] == list(range(0, 121, 8))
+    assert all(p.tracked_requests <= 1 for p in points)
+    # Measured between waves, after a step that released the finished requests: back to the baseline each time.
+    assert {p.request_bytes for p in points} == {points[0].request_bytes}
+    assert points[-1].cross_request_bytes > 0  # the shared table did learn from the outputs
