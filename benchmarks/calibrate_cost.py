@@ -1,6 +1,12 @@
 """Calibrates the target's step-time model ``a + b x tokens`` on this machine (no speculation).
 
     python benchmarks/calibrate_cost.py [--batches 1 2 4 8 16 32 48] [--steps 48]
+    python benchmarks/calibrate_cost.py --drafts [--batches 1 8 32] [--schedule 0 1 2 3 5]
+
+``--drafts`` measures what a step costs as a function of the draft tokens it verifies: one engine whose
+proposer (``vllm_anpd.bench.fixed_length_proposer``) drafts the lengths of ``--schedule`` in turn, one per
+step, all rejected, so every draft length is timed interleaved with the others (no drift between runs).
+Writes benchmarks/results/cost_drafts.json and prints median step time per (batch, draft length).
 
 Decodes B requests at a time (ignore_eos, fixed length) and times engine steps: each step scores B tokens.
 A least-squares line through (B, median step time) gives ``a`` (fixed cost per step) and ``b`` (cost per
@@ -20,12 +26,68 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def calibrate_drafts(args) -> None:
+    import os
+
+    from tqdm import tqdm
+    from vllm import LLM, SamplingParams
+
+    from vllm_anpd import models
+
+    schedule = args.schedule
+    os.environ["VLLM_ANPD_DRAFT_SCHEDULE"] = ",".join(map(str, schedule))
+    spec = {"method": "custom_class", "model": "vllm_anpd.bench.fixed_length_proposer.FixedLengthProposer",
+            "num_speculative_tokens": max(schedule)}
+    llm = LLM(speculative_config=spec, **models.engine_kwargs(max_num_seqs=max(args.batches), dtype=args.dtype))
+    engine = llm.llm_engine
+    prompt = "Write a long story about a lighthouse keeper and the sea."
+    steps = args.steps * len(schedule)
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
+    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4 * len(schedule)), use_tqdm=False)
+
+    rows = []
+    for b in tqdm(args.batches, desc="batch sizes"):
+        for i in range(b):
+            engine.add_request(f"{b}-{i}", prompt, params)
+        by_length = {d: [] for d in schedule}
+        while engine.has_unfinished_requests():
+            t0 = time.perf_counter()
+            outs = engine.step()
+            dt = time.perf_counter() - t0
+            if not outs or len(outs) != b or any(o.finished for o in outs):
+                continue
+            # This step verified the draft made when the request held one token less (all drafts are
+            # rejected: one new token per step); the proposer chose its length from that context length.
+            o = outs[0]
+            n_out = len(o.outputs[0].token_ids)
+            if n_out >= 2:
+                by_length[schedule[(len(o.prompt_token_ids) + n_out - 1) % len(schedule)]].append(dt)
+        for d in schedule:
+            rows.append({"batch": b, "draft_len": d, "median_step_s": float(np.median(by_length[d])),
+                         "steps": len(by_length[d])})
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cost_drafts.json").write_text(json.dumps({"dtype": args.dtype, "schedule": schedule,
+                                                           "rows": rows}, indent=1))
+    for b in args.batches:
+        base = next(r["median_step_s"] for r in rows if r["batch"] == b and r["draft_len"] == 0)
+        cells = ", ".join(f"d={r['draft_len']}: {1000 * r['median_step_s']:.1f} ms ({r['median_step_s'] / base:.2f}x)"
+                          for r in rows if r["batch"] == b)
+        print(f"batch {b:3d}: {cells}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48])
+    ap.add_argument("--batches", type=int, nargs="+", default=None)
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--drafts", action="store_true", help="step time per draft length (see above)")
+    ap.add_argument("--schedule", type=int, nargs="+", default=[0, 1, 2, 3, 5])
     args = ap.parse_args()
+    if args.drafts:
+        args.batches = args.batches or [1, 8, 32]
+        args.steps = min(args.steps, 24)
+        return calibrate_drafts(args)
+    args.batches = args.batches or [1, 2, 4, 8, 16, 32, 48]
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 

@@ -51,12 +51,12 @@ class AnpdParams:
     accept ``A`` of ``D`` draft tokens; the proposer raises the stop probability to that bound each step.
     ``0`` disables it.
 
-    Step gate: ``draft_step_cost`` is the extra fixed cost of an engine step that verifies drafts, relative
-    to a plain step (``c / a`` in ``step time = a + b x tokens + c x [any draft]``). On vLLM CPU a step with
-    drafts costs about 0.45 plain steps more, whatever the draft lengths (measured with
-    ``benchmarks/engine_bench.py``: 60.6 ms per plain step at batch 1, +25 to 32 ms with drafts). The step's
-    drafts are withdrawn unless their expected accepted tokens ``E`` pay for it:
-    ``E (1 + verify_cost B) > B (verify_cost D + draft_step_cost)``. ``0`` disables it.
+    Step gate: ``draft_step_cost`` is an extra fixed cost of an engine step that verifies drafts, relative
+    to a plain step (``c / a`` in ``step time = a + b x tokens + c x [any draft]``), for back-ends where such
+    a step costs more whatever its draft lengths. The step's drafts are withdrawn unless their expected
+    accepted tokens ``E`` pay for it: ``E (1 + verify_cost B) > B (verify_cost D + draft_step_cost)``.
+    ``0`` (default) disables it: on vLLM CPU ``benchmarks/calibrate_cost.py --drafts`` measured no such
+    cost (batch 1: 61.8 ms plain, +5.4 / +9.2 / +20.7 / +30.4 ms for 1 / 2 / 3 / 5 draft tokens).
 
     Cross-request table: the tokens that requests generate are also counted in one table shared by all
     requests (bounded by ``cross_request_entries`` n-gram entries, cleared and restarted when full); a draft
@@ -71,7 +71,7 @@ class AnpdParams:
     min_share: tuple = 0.0
     stop_probability: float = 0.1
     verify_cost: float = 0.07
-    draft_step_cost: float = 0.45
+    draft_step_cost: float = 0.0
     max_entries_per_request: int = 0  # 0: tables grow with the context (bounded by max_model_len)
     cross_request_entries: int = 262144  # 0: off; else the bound of the table shared across requests
     cross_min_count: int = 2  # the shared table's gate: a successor seen at least this often
