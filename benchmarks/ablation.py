@@ -46,8 +46,7 @@ def main():
     args = ap.parse_args()
     cost_path = HERE / "results" / "cost_model.json"
     cost_model = json.loads(cost_path.read_text())
-    # c: the extra fixed cost of a step that verifies drafts (measured with engine_bench, see BENCHMARKS.md).
-    cost = (cost_model["a_seconds"], cost_model["b_seconds_per_token"], cost_model.get("c_seconds_per_draft_step", 0.0))
+    cost = (cost_model["a_seconds"], cost_model["b_seconds_per_token"])
     refs = load_references(256)
     corpus = Corpus(refs)
     rows = []

@@ -173,9 +173,8 @@ class SuffixDrafter:
 
 def replay(corpus: Corpus, drafter, k: int, batch: int = 0, cost=(1.0, 0.0)):
     """Replays all requests with continuous batching (``batch`` concurrent, 0 = all at once), one drafter
-    call per engine step. ``cost = (a, b[, c])`` models the target's step time as ``a + b x tokens``, plus
-    ``c`` when the step verifies any draft: the modelled time with speculation and without it (one token per
-    request per step) give a modelled speedup."""
+    call per engine step. ``cost = (a, b)`` models the target's step time as ``a + b x tokens``: the modelled
+    time with speculation and without it (one token per request per step) give a modelled speedup."""
     n = len(corpus.refs)
     batch = batch or n
     produced = np.minimum(1, corpus.out_len)  # the prefill step samples the first output token
@@ -184,7 +183,7 @@ def replay(corpus: Corpus, drafter, k: int, batch: int = 0, cost=(1.0, 0.0)):
     accepted = np.zeros(n, np.int64)
     admitted = np.zeros(n, bool)
     admitted[:batch] = True
-    a, b, c = (tuple(cost) + (0.0,))[:3]
+    a, b = cost
     modelled_time = 0.0
     t0 = time.perf_counter()
     while True:
@@ -197,8 +196,7 @@ def replay(corpus: Corpus, drafter, k: int, batch: int = 0, cost=(1.0, 0.0)):
         num_tokens = corpus.prompt_len + produced
         drafts, lens = drafter.propose(corpus.tokens, num_tokens, active, k)
         idx = np.flatnonzero(active)
-        num_drafted = int(lens[idx].sum())
-        modelled_time += a + b * (len(idx) + num_drafted) + (c if num_drafted else 0.0)
+        modelled_time += a + b * (len(idx) + int(lens[idx].sum()))
         for i in idx:
             d = lens[i]
             start = num_tokens[i]
@@ -223,7 +221,7 @@ def replay(corpus: Corpus, drafter, k: int, batch: int = 0, cost=(1.0, 0.0)):
 def baseline_time(corpus: Corpus, batch: int, cost) -> float:
     """Modelled time without speculation: one token per request per step, same continuous batching."""
     remaining = list(np.maximum(corpus.out_len - 1, 0))
-    a, b = cost[:2]
+    a, b = cost
     total, active, nxt = 0.0, [], 0
     while True:
         while len(active) < batch and nxt < len(remaining):
@@ -267,9 +265,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, nargs="+", default=[5, 8])
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="concurrent requests (continuous batching)")
-    ap.add_argument("--cost", type=float, nargs="+", default=[1.0, 0.0], metavar="A B [C]",
-                    help="target step time model a + b x tokens (+ c when the step verifies drafts); "
-                         "benchmarks/results/cost_model.json")
+    ap.add_argument("--cost", type=float, nargs=2, default=[1.0, 0.0], metavar=("A", "B"),
+                    help="target step time model a + b x tokens (benchmarks/results/cost_model.json)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--anpd", type=str, default="{}", help="JSON of AnpdParams overrides")
