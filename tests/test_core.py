@@ -247,8 +247,6 @@ def test_core_does_not_import_vllm():
     (dict(min_share="x"), "min_share"),
     (dict(stop_probability=1.0), "stop_probability=1.0"),
     (dict(verify_cost=-0.1), "verify_cost=-0.1"),
-    (dict(draft_step_cost=-1), "draft_step_cost=-1"),
-    (dict(draft_step_cost="high"), "draft_step_cost='high'"),
     (dict(max_entries_per_request=-1), "max_entries_per_request=-1"),
     (dict(n_min=True), "n_min=True"),
 ])
@@ -314,53 +312,3 @@ def test_adaptive_stop_only_shortens_drafts(context, cuts, stop):
         drafts, lens = t.step(row, np.array([n]), np.array([slot], np.int32), np.array([8], np.int32))
         full = oracle.draft(context[:n], params, 8)
         assert drafts[0, :lens[0]].tolist() == full[:lens[0]]
-
-
-# --- the step gate -----------------------------------------------------------------------------------
-
-def _gate_batch():
-    """Three requests; the first repeats itself (confident drafts), the others barely match."""
-    rows = np.zeros((3, 48), np.int32)
-    rows[0, :] = [5, 6, 7, 8] * 12
-    rows[1, :6] = [1, 2, 3, 1, 2, 9]
-    rows[2, :4] = [4, 4, 3, 2]
-    return rows, np.array([40, 6, 4])
-
-
-def _gate_step(params):
-    t = NgramTables(params, num_slots=3, max_batch=3)
-    slots = np.array([t.acquire() for _ in range(3)], np.int32)
-    rows, n = _gate_batch()
-    d, l = t.step(rows, n, slots, np.full(3, 6, np.int32))
-    return t, slots, [d[i, :l[i]].tolist() for i in range(3)]
-
-
-def test_step_gate_off_changes_nothing_and_a_prohibitive_cost_withdraws_everything():
-    free, _, drafts = _gate_step(AnpdParams(num_speculative_tokens=6))
-    assert drafts[0] == [5, 6, 7, 8, 5, 6] and free.stats()["step_gate_drops"] == 0
-    costly, _, withdrawn = _gate_step(AnpdParams(num_speculative_tokens=6, draft_step_cost=1000.0))
-    assert withdrawn == [[], [], []]
-    st = costly.stats()
-    # Withdrawn drafts were never proposed: no draft, no drafted token, nothing per level; each one is counted.
-    assert (st["drafts"], st["drafted_tokens"]) == (0, 0)
-    assert all(v["drafted"] == 0 for v in st["per_level"].values())
-    assert st["step_gate_drops"] == sum(1 for d in drafts if d)
-
-
-def test_step_gate_keeps_a_step_whose_expected_acceptance_pays():
-    """With the optimistic prior (0.75 per token), request 0's six-token draft expects ~2.5 accepted tokens:
-    enough for a step cost of 0.45 per request at batch 3, not for 2.0 per request."""
-    _, _, kept = _gate_step(AnpdParams(num_speculative_tokens=6, draft_step_cost=0.45))
-    assert kept[0] == [5, 6, 7, 8, 5, 6]
-    _, _, dropped = _gate_step(AnpdParams(num_speculative_tokens=6, draft_step_cost=2.0))
-    assert dropped == [[], [], []]
-
-
-def test_withdrawn_draft_is_not_scored_at_the_next_step():
-    """The target never saw a withdrawn draft: the token it produced next must not count as a rejection."""
-    t, slots, _ = _gate_step(AnpdParams(num_speculative_tokens=6, draft_step_cost=1000.0))
-    before = t.cell_stats.copy()
-    rows, n = _gate_batch()
-    t.step(rows, n + np.array([1, 0, 0]), slots, np.zeros(3, np.int32))  # one plain decode token for request 0
-    assert (t.cell_stats == before).all()
-    assert t.stats()["accepted_tokens"] == 0

@@ -105,7 +105,6 @@ def test_anpd_method_routes_to_proposer_with_typed_options():
     ("anpd_stop_probability", 1.5, "anpd_stop_probability=1.5"),
     ("anpd_max_entries_per_request", -5, "anpd_max_entries_per_request=-5"),
     ("anpd_verify_cost", -1.0, "anpd_verify_cost=-1.0"),
-    ("anpd_draft_step_cost", -0.5, "anpd_draft_step_cost=-0.5"),
     ("anpd_cross_request_entries", -1, "anpd_cross_request_entries=-1"),
     ("anpd_cross_min_count", 0, "anpd_cross_min_count=0"),
     ("num_speculative_tokens", 0, "num_speculative_tokens"),

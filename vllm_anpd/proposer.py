@@ -126,12 +126,12 @@ class AnpdProposer:
         self._logged_drafts = st["drafts"]
         levels = ", ".join(f"{k} {v['accepted']}/{v['drafted']}" for k, v in st["per_level"].items() if v["drafted"])
         logger.info("ANPD: %d requests, %.1f MB of tables; %d drafts, mean length %.2f, acceptance %.2f; "
-                    "accepted/drafted per level: %s; gate stops %d, probability stops %d, step gate drops %d; "
+                    "accepted/drafted per level: %s; gate stops %d, probability stops %d; "
                     "stop probability %.2f",
                     st["tracked_requests"], st["bytes_in_use"] / 2**20, st["drafts"],
                     st["drafted_tokens"] / max(st["drafts"], 1),
                     st["accepted_tokens"] / max(st["drafted_tokens"], 1), levels or "-", st["gate_stops"],
-                    st["probability_stops"], st["step_gate_drops"], st["stop_probability"])
+                    st["probability_stops"], st["stop_probability"])
 
     # --- request lifecycle ---------------------------------------------------------------------------
     def _request_ids(self, batch: int) -> list:

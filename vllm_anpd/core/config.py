@@ -51,13 +51,6 @@ class AnpdParams:
     accept ``A`` of ``D`` draft tokens; the proposer raises the stop probability to that bound each step.
     ``0`` disables it.
 
-    Step gate: ``draft_step_cost`` is an extra fixed cost of an engine step that verifies drafts, relative
-    to a plain step (``c / a`` in ``step time = a + b x tokens + c x [any draft]``), for back-ends where such
-    a step costs more whatever its draft lengths. The step's drafts are withdrawn unless their expected
-    accepted tokens ``E`` pay for it: ``E (1 + verify_cost B) > B (verify_cost D + draft_step_cost)``.
-    ``0`` (default) disables it: on vLLM CPU ``benchmarks/calibrate_cost.py --drafts`` measured no such
-    cost (batch 1: 61.8 ms plain, +5.4 / +9.2 / +20.7 / +30.4 ms for 1 / 2 / 3 / 5 draft tokens).
-
     Cross-request table: the tokens that requests generate are also counted in one table shared by all
     requests (bounded by ``cross_request_entries`` n-gram entries, cleared and restarted when full); a draft
     token comes from it only when none of the request's own levels passes the gate, and only if its top
@@ -71,7 +64,6 @@ class AnpdParams:
     min_share: tuple = 0.0
     stop_probability: float = 0.1
     verify_cost: float = 0.07
-    draft_step_cost: float = 0.0
     max_entries_per_request: int = 0  # 0: tables grow with the context (bounded by max_model_len)
     cross_request_entries: int = 262144  # 0: off; else the bound of the table shared across requests
     cross_min_count: int = 2  # the shared table's gate: a successor seen at least this often
@@ -103,10 +95,6 @@ class AnpdParams:
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 <= c <= 1000.0:
             raise ValueError(f"verify_cost={c!r}: must be a number in [0.0, 1000.0]")
         object.__setattr__(self, "verify_cost", float(c))
-        c = self.draft_step_cost
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 <= c <= 1000.0:
-            raise ValueError(f"draft_step_cost={c!r}: must be a number in [0.0, 1000.0]")
-        object.__setattr__(self, "draft_step_cost", float(c))
         object.__setattr__(self, "min_count", min_count)
         object.__setattr__(self, "min_share", min_share)
         object.__setattr__(self, "stop_probability", float(p))
@@ -123,9 +111,9 @@ class AnpdParams:
         return [f.name for f in dataclasses.fields(cls)]
 
 
-# The paper's ANPD: fixed draft length (k), no gate, no adaptive stop, no step gate, no shared table; N = 5.
+# The paper's ANPD: fixed draft length (k), no gate, no adaptive stop, no shared table; N = 5.
 PAPER = dict(n_min=2, n_max=5, min_count=1, min_share=0.0, stop_probability=0.0, verify_cost=0.0,
-             draft_step_cost=0.0, cross_request_entries=0)
+             cross_request_entries=0)
 
 
 def _strict_int(name):

@@ -34,8 +34,7 @@ META_ACCEPTED = 7  # draft tokens accepted by the target model
 META_GATE_STOPS = 8  # drafts cut short by the confidence gate (a key matched, no level passed the gate)
 META_PROB_STOPS = 9  # drafts cut short by the adaptive stop probability
 META_CLEARS = 10  # cross-request table only: times it was cleared on reaching its bound
-META_STEP_DROPS = 11  # drafts withdrawn by the step gate (the step's drafts would not pay its fixed cost)
-META_COLUMNS = 12
+META_COLUMNS = 11
 
 # --- acceptance-probability cells: (level, count bucket, share bucket) ------------------------------
 COUNT_BUCKETS = 6  # top count 1, 2-3, 4-7, 8-15, 16-31, 32+
@@ -315,10 +314,8 @@ def _lookup(kfp, kstat, fps, longest, n_min, n_max, min_count, min_share):
 
 @njit(cache=True)
 def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cross_min_count, stop_probability,
-           key_fp, key_stat, last_draft, last_cell, meta, calib, level_stats, cell_stats, buf, fps, out,
-           out_expected):
-    """Chain up to ``k`` tokens after ``row[:num_tokens]`` into ``out[r]``; returns the draft length and
-    writes its expected number of accepted tokens (the sum of the path probabilities) to ``out_expected[r]``.
+           key_fp, key_stat, last_draft, last_cell, meta, calib, level_stats, cell_stats, buf, fps, out):
+    """Chain up to ``k`` tokens after ``row[:num_tokens]`` into ``out[r]``; returns the draft length.
 
     Each token comes from the request's own tables (slot ``s``) or, when none of its levels passes the gate,
     from the cross-request table (slot ``g``, if ``g >= 0``) with its own minimum count. Levels of the
@@ -334,7 +331,6 @@ def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cros
     ratio = (calib[s, 1] + 1.0) / (calib[s, 0] + 1.0)
     ratio = min(max(ratio, 0.25), 2.0)
     n_out = 0
-    expected = 0.0
     for j in range(k):
         longest = min(blen, n_max - 1)
         key_fingerprints(buf, blen, longest, fps)
@@ -355,7 +351,6 @@ def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cros
         if path_p < stop_probability:
             meta[s, META_PROB_STOPS] += 1
             break
-        expected += path_p
         out[r, j] = top
         last_draft[s, j] = top
         last_cell[s, j] = cell
@@ -367,45 +362,7 @@ def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cros
     if n_out > 0:
         meta[s, META_DRAFTS] += 1
         meta[s, META_DRAFTED] += n_out
-    out_expected[r] = expected
     return n_out
-
-
-@njit(cache=True)
-def _withdraw(s, n, last_cell, meta, level_stats):
-    """Take back slot ``s``'s draft of ``n`` tokens: it is not proposed, so nothing of it is verified or scored."""
-    for j in range(n):
-        level_stats[s, last_cell[s, j] // CELLS_PER_LEVEL, 0] -= 1
-    meta[s, META_LAST_DRAFT_LEN] = 0
-    meta[s, META_DRAFTS] -= 1
-    meta[s, META_DRAFTED] -= n
-    meta[s, META_STEP_DROPS] += 1
-
-
-@njit(cache=True)
-def _step_gate(slots, verify_cost, draft_step_cost, last_cell, meta, level_stats, out_lens, out_expected):
-    """Withdraw every draft of the step unless their expected accepted tokens pay for verifying them.
-
-    Step time ``a + b x tokens + c`` when the step carries drafts (``verify_cost = b/a``,
-    ``draft_step_cost = c/a``): a batch of ``B`` requests drafting ``D`` tokens, ``E`` of them expected
-    accepted, beats the plain decode step (``B`` tokens in ``a + b B``) only if
-    ``E (1 + verify_cost B) > B (verify_cost D + draft_step_cost)``.
-    """
-    batch = 0
-    drafted = 0
-    expected = 0.0
-    for r in range(slots.size):
-        if slots[r] >= 0:
-            batch += 1
-            drafted += out_lens[r]
-            if out_lens[r] > 0:
-                expected += out_expected[r]
-    if drafted == 0 or expected * (1.0 + verify_cost * batch) > batch * (verify_cost * drafted + draft_step_cost):
-        return
-    for r in range(slots.size):
-        if slots[r] >= 0 and out_lens[r] > 0:
-            _withdraw(slots[r], out_lens[r], last_cell, meta, level_stats)
-            out_lens[r] = 0
 
 
 @njit(cache=True)
@@ -424,9 +381,8 @@ def reset_slot(s, key_fp, key_stat, pair_fp, pair_cnt, meta, calib, level_stats,
 
 @njit(cache=True)
 def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count, min_share, cross_slot,
-               cross_min_count, cross_max_entries, stop_probability, verify_cost, draft_step_cost, max_entries,
-               key_fp, key_stat, pair_fp, pair_cnt, meta, calib, level_stats, cell_stats, last_draft, last_cell,
-               out_drafts, out_lens, out_expected):
+               cross_min_count, cross_max_entries, stop_probability, max_entries, key_fp, key_stat, pair_fp,
+               pair_cnt, meta, calib, level_stats, cell_stats, last_draft, last_cell, out_drafts, out_lens):
     """One engine step for a batch: fold new tokens into each request's tables, then draft.
 
     Row ``r`` of the batch is request slot ``slots[r]`` whose context is ``token_ids[r, :num_tokens[r]]``
@@ -438,16 +394,12 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
     ``cross_slot >= 0`` is the cross-request table: every generated token (not the prompt, which the
     request's own table holds) is also folded into it, so later requests can draft from earlier outputs.
     When it reaches ``cross_max_entries`` it is cleared and starts again (bounded memory, recent content).
-
-    ``draft_step_cost > 0`` turns on the step gate (``_step_gate``): the step's drafts are all withdrawn
-    when they are not expected to pay for the fixed cost of a step that verifies drafts.
     """
     buf = np.empty(n_max - 1 + out_drafts.shape[1], np.int32)  # the chain being drafted
     fps = np.empty(n_max, np.int64)  # key fingerprints of every level at one position
     g = cross_slot
     for r in range(slots.size):
         out_lens[r] = 0
-        out_expected[r] = 0.0
         s = slots[r]
         if s < 0:
             continue
@@ -471,9 +423,7 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
             continue
         out_lens[r] = _draft(s, g, r, row, n, k, n_min, n_max, min_count, min_share, cross_min_count,
                              stop_probability, key_fp, key_stat, last_draft, last_cell, meta, calib,
-                             level_stats, cell_stats, buf, fps, out_drafts, out_expected)
-    if draft_step_cost > 0.0:
-        _step_gate(slots, verify_cost, draft_step_cost, last_cell, meta, level_stats, out_lens, out_expected)
+                             level_stats, cell_stats, buf, fps, out_drafts)
 
 
 @njit(cache=True)

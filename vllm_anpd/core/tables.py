@@ -64,7 +64,6 @@ class NgramTables:
         self.cross_slot = self._free.pop() if params.cross_request_entries else -1
         self._out_drafts = np.zeros((max_batch, params.num_speculative_tokens), np.int32)
         self._out_lens = np.zeros(max_batch, np.int32)
-        self._out_expected = np.zeros(max_batch, np.float64)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -129,16 +128,15 @@ class NgramTables:
         if batch > self._out_lens.shape[0]:
             self._out_drafts = np.zeros((batch, self.params.num_speculative_tokens), np.int32)
             self._out_lens = np.zeros(batch, np.int32)
-            self._out_expected = np.zeros(batch, np.float64)
         if token_ids.dtype != np.int32:
             token_ids = self._as_int32_tokens(token_ids)
         p = self.params
         K.step_batch(token_ids, num_tokens, slots, max_draft, p.n_min, p.n_max, self._min_count,
                      self._min_share, self.cross_slot, self._min_count_cross, p.cross_request_entries,
                      p.stop_probability if stop_probability is None else stop_probability,
-                     p.verify_cost, p.draft_step_cost, p.max_entries_per_request, self.key_fp, self.key_stat,
-                     self.pair_fp, self.pair_cnt, self.meta, self.calib, self.level_stats, self.cell_stats,
-                     self.last_draft, self.last_cell, self._out_drafts, self._out_lens, self._out_expected)
+                     p.max_entries_per_request, self.key_fp, self.key_stat, self.pair_fp, self.pair_cnt,
+                     self.meta, self.calib, self.level_stats, self.cell_stats, self.last_draft, self.last_cell,
+                     self._out_drafts, self._out_lens)
         return self._out_drafts[:batch], self._out_lens[:batch]
 
     @staticmethod
@@ -153,8 +151,7 @@ class NgramTables:
         """Bytes held by all tables and per-slot arrays (live and free slots)."""
         total = sum(a.nbytes for lst in (self.key_fp, self.key_stat, self.pair_fp, self.pair_cnt) for a in lst)
         total += sum(a.nbytes for a in (self.meta, self.calib, self.level_stats, self.last_draft,
-                                         self.last_cell, self.cell_stats, self._out_drafts, self._out_lens,
-                                         self._out_expected))
+                                         self.last_cell, self.cell_stats, self._out_drafts, self._out_lens))
         return int(total)
 
     def slot_bytes(self, slot: int) -> int:
@@ -179,7 +176,6 @@ class NgramTables:
             "accepted_tokens": int(meta[K.META_ACCEPTED]),
             "gate_stops": int(meta[K.META_GATE_STOPS]),
             "probability_stops": int(meta[K.META_PROB_STOPS]),
-            "step_gate_drops": int(meta[K.META_STEP_DROPS]),
             "dropped_ngrams": int(meta[K.META_DROPPED]),
             "per_level": per_level,
             "active_requests": self.num_active,
