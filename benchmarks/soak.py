@@ -4,8 +4,10 @@ within its bound, and reports the growth of the processes' RSS.
 
     python benchmarks/soak.py                       # 1,000 requests, waves of 50, 64 tokens each
     python benchmarks/soak.py --requests 200 --wave 40
+    python benchmarks/soak.py --method none         # control: the same load without speculation
 
-Writes benchmarks/results/soak.{json,md,png}.
+Writes benchmarks/results/soak.{json,md,png} (the control: soak_none.{json,md}; the ANPD run's plot and
+table then show the control's RSS beside its own).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def main():
     ap.add_argument("--wave", type=int, default=50, help="requests per generate() call (and per measurement)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--method", choices=["anpd", "none"], default="anpd",
+                    help="none: the control run, same engine and load without speculation (RSS only)")
     args = ap.parse_args()
 
     from vllm import LLM
@@ -32,7 +36,8 @@ def main():
     from vllm_anpd import models, specbench
     from vllm_anpd.bench.soak import as_dicts, run_soak
 
-    llm = LLM(speculative_config={"method": "anpd", "num_speculative_tokens": args.k},
+    spec = {"method": "anpd", "num_speculative_tokens": args.k} if args.method == "anpd" else None
+    llm = LLM(speculative_config=spec,
               worker_extension_cls="vllm_anpd.worker_extension.AnpdWorkerExtension",
               **models.engine_kwargs(max_num_seqs=args.wave))
     tokenizer = llm.get_tokenizer()
@@ -52,10 +57,11 @@ def main():
         "rss_growth_after_first_wave": end["rss_bytes"] - rows[1]["rss_bytes"],
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps({"summary": summary, "points": rows}, indent=1))
+    name = "soak" if args.method == "anpd" else f"soak_{args.method}"
+    (RESULTS / f"{name}.json").write_text(json.dumps({"summary": summary, "points": rows}, indent=1))
     mib = 2**20
     md = [f"{args.requests} requests (Spec-Bench first turns, cycled), waves of {args.wave}, {args.max_tokens} tokens, "
-          f"k = {args.k}, {end['seconds']:.0f} s.", "",
+          f"method {args.method}, k = {args.k}, {end['seconds']:.0f} s.", "",
           "| after requests | ANPD tracked requests | ANPD per-request MiB | cross-request table MiB | RSS MiB |",
           "|---:|---:|---:|---:|---:|"]
     step = max(1, len(rows) // 10)
@@ -67,17 +73,32 @@ def main():
            f"{end['rss_bytes'] / mib:.0f} MiB at the end, peak {peak_rss / mib:.0f} MiB; growth after the first "
            f"measured wave {summary['rss_growth_after_first_wave'] / mib:+.0f} MiB."]
     text = "\n".join(md) + "\n"
-    (RESULTS / "soak.md").write_text(text)
+    (RESULTS / f"{name}.md").write_text(text)
     print(text)
+    plot()
+    return 0 if end["request_bytes"] == base["request_bytes"] and end["tracked_requests"] <= 1 else 1
 
+
+def plot():
+    """soak.png from soak.json, with the control run's RSS (soak_none.json) beside it when present."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not (RESULTS / "soak.json").exists():
+        return
+    mib = 2**20
+    run = json.loads((RESULTS / "soak.json").read_text())
+    rows = run["points"]
     x = [r["requests_done"] for r in rows]
     fig, ax1 = plt.subplots(figsize=(8, 4.5))
-    ax1.plot(x, [r["rss_bytes"] / mib for r in rows], "o-", color="tab:blue", label="RSS, engine processes")
+    ax1.plot(x, [r["rss_bytes"] / mib for r in rows], "o-", color="tab:blue", label="RSS, engine processes (ANPD)")
+    control = RESULTS / "soak_none.json"
+    if control.exists():
+        crows = json.loads(control.read_text())["points"]
+        ax1.plot([r["requests_done"] for r in crows], [r["rss_bytes"] / mib for r in crows], "o--",
+                 color="tab:gray", label="RSS, engine processes (no speculation)")
     ax1.set_xlabel("requests completed")
     ax1.set_ylabel("RSS (MiB)")
     ax2 = ax1.twinx()
@@ -87,12 +108,11 @@ def main():
     ax2.set_ylabel("ANPD state (MiB)")
     lines = ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     labels = ax1.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
-    ax1.legend(lines, labels, loc="center right")
-    ax1.set_title(f"Soak: {args.requests} requests through one engine with ANPD")
+    ax1.legend(lines, labels, loc="center right", fontsize=8)
+    ax1.set_title(f"Soak: {run['summary']['requests']} requests through one engine with ANPD")
     ax1.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(RESULTS / "soak.png", dpi=120)
-    return 0 if end["request_bytes"] == base["request_bytes"] and end["tracked_requests"] <= 1 else 1
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def measure(llm, requests_done: int, started: float) -> SoakPoint:
 
     # One tiny request: its step makes vLLM's runner (and so ANPD) drop every finished request.
     llm.generate(["Hi"], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
-    stats = [s for s in llm.collective_rpc("anpd_stats") if s][0]
+    stats = ([s for s in llm.collective_rpc("anpd_stats") if s] or [None])[0]
+    if stats is None:  # an engine without ANPD (the control run): only the RSS is measured
+        stats = {"tracked_requests": 0, "bytes_in_use": 0}
     cross = stats.get("cross_request", {}).get("bytes", 0)
     return SoakPoint(requests_done, time.perf_counter() - started, stats["tracked_requests"],
                      stats["bytes_in_use"] - cross, cross, process_tree_rss())

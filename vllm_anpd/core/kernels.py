@@ -179,8 +179,8 @@ def _reserve(s, extra, key_fp, key_stat, pair_fp, pair_cnt, meta, max_entries):
 
 
 @njit(cache=True)
-def _observe(s, fp, token, kfp, kstat, pfp, pcnt, meta, max_entries):
-    """Count one occurrence of ``token`` after the key ``fp`` in slot ``s``."""
+def _observe(s, fp, pf, token, kfp, kstat, pfp, pcnt, meta, max_entries):
+    """Count one occurrence of ``token`` after the key ``fp`` in slot ``s`` (``pf``: their pair fingerprint)."""
     ki = _probe(kfp, fp)
     if ki < 0:
         if meta[s, META_KEYS] >= _entry_limit(kfp.size, max_entries) or \
@@ -193,12 +193,11 @@ def _observe(s, fp, token, kfp, kstat, pfp, pcnt, meta, max_entries):
         kstat[ki, 1] = 1
         kstat[ki, 2] = 1
         meta[s, META_KEYS] += 1
-        pi = -1 - _probe(pfp, _pair_fingerprint(fp, token))
-        pfp[pi] = _pair_fingerprint(fp, token)
+        pi = -1 - _probe(pfp, pf)
+        pfp[pi] = pf
         pcnt[pi] = 1
         meta[s, META_PAIRS] += 1
         return
-    pf = _pair_fingerprint(fp, token)
     pi = _probe(pfp, pf)
     if pi < 0:
         if meta[s, META_PAIRS] >= _entry_limit(pfp.size, max_entries):
@@ -217,9 +216,11 @@ def _observe(s, fp, token, kfp, kstat, pfp, pcnt, meta, max_entries):
 
 
 @njit(cache=True)
-def _consume(s, row, start, end, n_min, n_max, key_fp, key_stat, pair_fp, pair_cnt, meta, max_entries, fps):
+def _consume(s, row, start, end, n_min, n_max, key_fp, key_stat, pair_fp, pair_cnt, meta, max_entries, fps,
+             pfps, sink):
     """Fold tokens ``row[start:end]`` (each as a successor of the keys before it) into slot ``s``."""
     num_levels = n_max - n_min + 1
+    touched = np.int64(0)
     # Reserve chunk by chunk: a long prompt repeats many n-grams, so reserving levels x length entries
     # up front would over-allocate; doubling per chunk keeps growth amortised O(1) per token.
     for chunk_start in range(start, end, CONSUME_CHUNK):
@@ -230,15 +231,25 @@ def _consume(s, row, start, end, n_min, n_max, key_fp, key_stat, pair_fp, pair_c
         kstat = key_stat[s]
         pfp = pair_fp[s]
         pcnt = pair_cnt[s]
+        kmask = kfp.size - 1
+        pmask = pfp.size - 1
         for pos in range(chunk_start, chunk_end):
             token = row[pos]
             longest = min(n_max - 1, pos)
             if longest < n_min - 1:
                 continue
             key_fingerprints(row, pos, longest, fps)
+            # The levels' cells are independent: load all of them first so that their cache misses
+            # overlap (a long context's tables live in DRAM), then update them one by one.
             for m in range(n_min - 1, longest + 1):
-                _observe(s, fps[m], token, kfp, kstat, pfp, pcnt, meta, max_entries)
+                pfps[m] = _pair_fingerprint(fps[m], token)
+                ki = fps[m] & kmask
+                pi = pfps[m] & pmask
+                touched += kfp[ki] + kstat[ki, 1] + pfp[pi] + pcnt[pi]
+            for m in range(n_min - 1, longest + 1):
+                _observe(s, fps[m], pfps[m], token, kfp, kstat, pfp, pcnt, meta, max_entries)
     meta[s, META_CONSUMED] = end
+    sink[0] += touched
 
 
 @njit(cache=True)
@@ -289,32 +300,38 @@ def _feedback(s, row, start, end, last_draft, last_cell, meta, calib, level_stat
 
 
 @njit(cache=True)
-def _lookup(kfp, kstat, fps, longest, n_min, n_max, min_count, min_share):
-    """Highest level whose key (fingerprint ``fps[n - 1]``, keys up to length ``longest`` available) is in
-    the table and passes the gate.
+def _lookup(kfp, kstat, fps, longest, n_min, n_max, min_count, min_share, sink):
+    """Highest level whose key (fingerprint ``fps[n - 1]``, keys up to length ``longest``) is in the table
+    and passes the gate.
 
-    Returns ``(level index or -1, top token, top count, total count, whether any key matched)``.
+    Returns ``(level index or -1, top token, top count, total count, highest level whose key is in the
+    table or -1)``.
     """
-    matched = False
-    for lv in range(n_max - n_min, -1, -1):
-        m = n_min + lv - 1
-        if m > longest:
-            continue
-        ki = _probe(kfp, fps[m])
+    top_lv = min(longest - n_min + 1, n_max - n_min)
+    mask = kfp.size - 1
+    touched = np.int64(0)
+    for lv in range(top_lv, -1, -1):  # start every level's cache misses before walking them in order
+        i = fps[n_min + lv - 1] & mask
+        touched += kfp[i] + kstat[i, 1]
+    sink[0] += touched
+    matched = -1
+    for lv in range(top_lv, -1, -1):
+        ki = _probe(kfp, fps[n_min + lv - 1])
         if ki < 0:
             continue
-        matched = True
+        if matched < 0:
+            matched = lv
         top_count = kstat[ki, 1]
         total = kstat[ki, 2]
         if top_count < min_count[lv] or top_count < min_share[lv] * total:
             continue
-        return lv, kstat[ki, 0], top_count, total, True
+        return lv, kstat[ki, 0], top_count, total, matched
     return -1, 0, 0, 0, matched
 
 
 @njit(cache=True)
 def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cross_min_count, stop_probability,
-           key_fp, key_stat, last_draft, last_cell, meta, calib, level_stats, cell_stats, buf, fps, out):
+           key_fp, key_stat, last_draft, last_cell, meta, calib, level_stats, cell_stats, buf, fps, out, sink):
     """Chain up to ``k`` tokens after ``row[:num_tokens]`` into ``out[r]``; returns the draft length.
 
     Each token comes from the request's own tables (slot ``s``) or, when none of its levels passes the gate,
@@ -331,15 +348,22 @@ def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cros
     ratio = (calib[s, 1] + 1.0) / (calib[s, 0] + 1.0)
     ratio = min(max(ratio, 0.25), 2.0)
     n_out = 0
+    # A key of length m in the request's own tables implies its prefix of length m - 1 is a key too (both
+    # were counted at consecutive positions), so a chained key can be at most one longer than the longest
+    # key that matched one token earlier: the levels above cannot match and are not probed. (Not for the
+    # cross-request table, which holds generated tokens only, without the prompt tokens before them.)
+    own_longest = n_max - 1
     for j in range(k):
         longest = min(blen, n_max - 1)
         key_fingerprints(buf, blen, longest, fps)
-        level, top, top_count, total, matched = _lookup(key_fp[s], key_stat[s], fps, longest, n_min, n_max,
-                                                        min_count, min_share)
+        level, top, top_count, total, own_match = _lookup(key_fp[s], key_stat[s], fps, min(longest, own_longest),
+                                                          n_min, n_max, min_count, min_share, sink)
+        matched = own_match >= 0
+        own_longest = max(n_min + own_match, n_min - 1)
         if level < 0 and g >= 0:
-            lv, top, top_count, total, cross_matched = _lookup(key_fp[g], key_stat[g], fps, longest, n_min,
-                                                               n_max, cross_min_count, min_share)
-            matched = matched or cross_matched
+            lv, top, top_count, total, cross_match = _lookup(key_fp[g], key_stat[g], fps, longest, n_min, n_max,
+                                                             cross_min_count, min_share, sink)
+            matched = matched or cross_match >= 0
             if lv >= 0:
                 level = num_levels + lv
         if level < 0:
@@ -394,9 +418,14 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
     ``cross_slot >= 0`` is the cross-request table: every generated token (not the prompt, which the
     request's own table holds) is also folded into it, so later requests can draft from earlier outputs.
     When it reaches ``cross_max_entries`` it is cleared and starts again (bounded memory, recent content).
+
+    Returns a checksum of the table cells loaded ahead of use (to overlap their cache misses); returning
+    it keeps the compiler from dropping those loads. Callers ignore it.
     """
     buf = np.empty(n_max - 1 + out_drafts.shape[1], np.int32)  # the chain being drafted
     fps = np.empty(n_max, np.int64)  # key fingerprints of every level at one position
+    pfps = np.empty(n_max, np.int64)  # (key, successor) fingerprints of every level at one position
+    sink = np.zeros(1, np.int64)
     g = cross_slot
     for r in range(slots.size):
         out_lens[r] = 0
@@ -411,19 +440,21 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
         start = meta[s, META_CONSUMED]
         if n > start:
             _feedback(s, row, start, n, last_draft, last_cell, meta, calib, level_stats, cell_stats)
-            _consume(s, row, start, n, n_min, n_max, key_fp, key_stat, pair_fp, pair_cnt, meta, max_entries, fps)
+            _consume(s, row, start, n, n_min, n_max, key_fp, key_stat, pair_fp, pair_cnt, meta, max_entries, fps,
+                     pfps, sink)
             if g >= 0 and start > 0:
                 if meta[g, META_KEYS] + (n - start) * (n_max - n_min + 1) > cross_max_entries:
                     _clear_tables(g, key_fp, key_stat, pair_fp, pair_cnt, meta)
                 _consume(g, row, start, n, n_min, n_max, key_fp, key_stat, pair_fp, pair_cnt, meta,
-                         cross_max_entries, fps)
+                         cross_max_entries, fps, pfps, sink)
         k = min(max_draft[r], out_drafts.shape[1])
         if k <= 0 or n <= 0:
             meta[s, META_LAST_DRAFT_LEN] = 0
             continue
         out_lens[r] = _draft(s, g, r, row, n, k, n_min, n_max, min_count, min_share, cross_min_count,
                              stop_probability, key_fp, key_stat, last_draft, last_cell, meta, calib,
-                             level_stats, cell_stats, buf, fps, out_drafts)
+                             level_stats, cell_stats, buf, fps, out_drafts, sink)
+    return sink[0]
 
 
 @njit(cache=True)
