@@ -115,6 +115,25 @@ def test_kernel_equals_oracle_at_every_step(params, context, cuts, k):
         assert len(got) <= min(k, params.num_speculative_tokens)
 
 
+@pytest.mark.parametrize("vocab", [2, 3, 5])
+def test_deep_levels_equal_oracle_while_chaining(vocab):
+    """Levels up to n = 9 on long low-entropy streams: drafts chain through many levels, so a level the kernel
+    skips as unreachable (a chained key is at most one longer than the previous match) would show here."""
+    rng = np.random.default_rng(vocab)
+    params = AnpdParams(num_speculative_tokens=8, n_min=2, n_max=9)
+    t = make_tables(params, slots=1, batch=1)
+    slot = t.acquire()
+    # Runs of a repeated motif with random noise in between: long matches that break and resume.
+    motif = rng.integers(0, vocab, 12).tolist()
+    context = []
+    while len(context) < 400:
+        context += motif[: rng.integers(3, 12)] + rng.integers(0, vocab, rng.integers(0, 4)).tolist()
+    row = np.array([context], np.int32)
+    for n in range(10, len(context), 7):
+        drafts, lens = t.step(row, np.array([n]), np.array([slot], np.int32), np.array([8], np.int32))
+        assert drafts[0, :lens[0]].tolist() == oracle.draft(context[:n], params, 8), n
+
+
 @settings(max_examples=60, deadline=None)
 @given(contexts=st.lists(small_tokens, min_size=1, max_size=6), k=st.integers(1, 8))
 def test_batch_equals_per_request_calls(contexts, k):
