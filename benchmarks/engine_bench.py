@@ -6,7 +6,9 @@ drafter, on the same Spec-Bench prompts, in one run.
     python benchmarks/engine_bench.py --methods none anpd --batches 1 --per-category 1
     python benchmarks/engine_bench.py --reuse               # re-run only jobs without a saved raw result
 
-Each (method, batch) runs in its own subprocess, one engine at a time. Greedy, fixed max_tokens, float32 by
+Each method runs in its own engine (a subprocess), one engine at a time; that engine serves the batch sizes in
+turn (at most `batch` requests in flight), with the prefix cache and the drafter's cross-request state reset
+between them, so each batch size starts as cold as in a fresh engine. Greedy, fixed max_tokens, float32 by
 default, so outputs can be checked equal across methods. Per request, target forward steps are counted from
 the engine's step loop (a step in which the request received tokens), so MAT = output tokens / steps is exact
 for every method. Writes benchmarks/results/engine_bench.{json,md} and PNG plots; --update-benchmarks-md
@@ -46,56 +48,83 @@ def speculative_config(method: str, k: int, args) -> dict | None:
     raise ValueError(f"method={method!r}: expected one of {METHODS}")
 
 
-# --- one engine (subprocess) --------------------------------------------------------------------------
+# --- one engine (subprocess) per method -----------------------------------------------------------------
 
 def worker(args) -> None:
+    """Runs one method's phases (one per batch size) on one engine, then writes one raw result per phase."""
     from vllm import LLM, SamplingParams
 
     from vllm_anpd import models
+    from vllm_anpd.bench.oracle_proposer import ENV as ORACLE_ENV
 
     job = json.loads(Path(args.job).read_text())
+    phases = job["phases"]
     if job["method"] == "oracle":
-        os.environ["VLLM_ANPD_ORACLE_REFS"] = job["oracle_refs"]
+        # The oracle reads this file at construction and again at each reset (per phase, below).
+        os.environ[ORACLE_ENV] = job["oracle_refs"]
+        Path(job["oracle_refs"]).write_text(Path(phases[0]["oracle_refs"]).read_text())
     llm = LLM(speculative_config=job["spec"], disable_log_stats=False,
               worker_extension_cls="vllm_anpd.worker_extension.AnpdWorkerExtension",
-              **models.engine_kwargs(max_num_seqs=job["batch"], dtype=job["dtype"], max_model_len=4096))
+              **models.engine_kwargs(max_num_seqs=max(p["batch"] for p in phases), dtype=job["dtype"],
+                                     max_model_len=4096))
     has_drafter = any(llm.collective_rpc("anpd_time_drafter"))
-    engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
     # Warm-up (not measured): compiles kernels, fills caches.
     llm.generate(["Hello, how are you?"], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    results = []
+    for phase in phases:
+        # Each phase starts as cold as a fresh engine: no prefix cache hits from the previous phase (the
+        # prompt sets overlap), no drafter state learned from its requests.
+        llm.reset_prefix_cache()
+        if job["method"] == "oracle":
+            Path(job["oracle_refs"]).write_text(Path(phase["oracle_refs"]).read_text())
+        if has_drafter:
+            print(f"   reset between phases: {llm.collective_rpc('anpd_reset_drafter')[0]}", file=sys.stderr)
+        results.append(run_phase(llm, job, phase, has_drafter))
+    Path(args.out).write_text(json.dumps(results))
+
+
+def run_phase(llm, job, phase, has_drafter) -> dict:
+    """At most ``batch`` requests in flight (a new one is added as soon as one finishes), as an engine with
+    ``max_num_seqs = batch`` would schedule them."""
+    from tqdm import tqdm
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
+    prompts, batch = phase["prompts"], phase["batch"]
     before = counters(llm)
     drafter_before = drafter_seconds(llm) if has_drafter else 0.0
-    prompts = job["prompts"]
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), {"prompt_token_ids": p}, params)
     steps = [0] * len(prompts)
     tokens = [[] for _ in prompts]
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(prompts), desc=f"{job['method']} b={job['batch']}", file=sys.stderr)
+    next_prompt = in_flight = 0
+    bar = tqdm(total=len(prompts), desc=f"{job['method']} b={batch}", file=sys.stderr)
     t0 = time.perf_counter()
-    while engine.has_unfinished_requests():
+    while next_prompt < len(prompts) or engine.has_unfinished_requests():
+        while in_flight < batch and next_prompt < len(prompts):
+            engine.add_request(f"b{batch}-{next_prompt}", {"prompt_token_ids": prompts[next_prompt]}, params)
+            next_prompt += 1
+            in_flight += 1
         for out in engine.step():
-            i = int(out.request_id)
+            i = int(out.request_id.split("-")[1])
             new = list(out.outputs[0].token_ids)
             if len(new) > len(tokens[i]):
                 steps[i] += 1
                 tokens[i] = new
             if out.finished:
+                in_flight -= 1
                 bar.update(1)
     elapsed = time.perf_counter() - t0
     bar.close()
     after = counters(llm)
     result = {
-        "method": job["method"], "batch": job["batch"], "spec": job["spec"], "prompts": job["prompts"],
+        "method": job["method"], "batch": batch, "spec": job["spec"], "prompts": prompts,
         "elapsed": elapsed, "steps": steps, "tokens": tokens,
         "counters": {k: after.get(k, 0) - before.get(k, 0) for k in after},
         "drafter_seconds": (drafter_seconds(llm) - drafter_before) if has_drafter else 0.0,
     }
     if job["method"] == "anpd":
         result["anpd_stats"] = [s for s in llm.collective_rpc("anpd_stats") if s][0]
-    Path(args.out).write_text(json.dumps(result))
+    return result
 
 
 def counters(llm) -> dict:
@@ -128,31 +157,37 @@ def load_prompts(args, per_category):
             for q in questions]
 
 
-def run_job(method, batch, refs, args, reference=None) -> dict:
-    """One engine in a subprocess. The oracle drafts REFERENCE, the no-speculation run's output tokens."""
+def run_method(method, batches, refs_by_batch, reference, args) -> list[dict]:
+    """One engine in a subprocess runs METHOD at each of BATCHES in turn; returns one result per batch.
+    The oracle drafts REFERENCE[batch], the no-speculation run's output tokens at that batch size."""
     RESULTS.mkdir(exist_ok=True)
-    tag = f"{method}_b{batch}"
-    job_path = RESULTS / f".job_{tag}.json"
-    out_path = RESULTS / f".out_{tag}.json"
-    oracle_refs = RESULTS / ".oracle_refs.jsonl"
-    if method == "oracle":
-        if reference is None:
-            return {"method": method, "batch": batch, "error": "the oracle needs the 'none' run of this batch"}
-        oracle_refs.write_text("".join(json.dumps({"prompt_ids": r["prompt_ids"], "output_ids": out}) + "\n"
-                                       for r, out in zip(refs, reference["tokens"])))
-    job = {"method": method, "batch": batch, "dtype": args.dtype, "max_tokens": args.max_tokens,
-           "spec": speculative_config(method, args.k, args), "prompts": [r["prompt_ids"] for r in refs],
-           "oracle_refs": str(oracle_refs)}
+    job_path = RESULTS / f".job_{method}.json"
+    out_path = RESULTS / f".out_{method}.json"
+    phases = []
+    for batch in batches:
+        refs = refs_by_batch[batch]
+        phase = {"batch": batch, "prompts": [r["prompt_ids"] for r in refs]}
+        if method == "oracle":
+            phase["oracle_refs"] = str(RESULTS / f".oracle_refs_b{batch}.jsonl")
+            Path(phase["oracle_refs"]).write_text("".join(
+                json.dumps({"prompt_ids": r["prompt_ids"], "output_ids": out}) + "\n"
+                for r, out in zip(refs, reference[batch]["tokens"])))
+        phases.append(phase)
+    job = {"method": method, "dtype": args.dtype, "max_tokens": args.max_tokens,
+           "spec": speculative_config(method, args.k, args), "phases": phases,
+           "oracle_refs": str(RESULTS / ".oracle_refs.jsonl")}
     job_path.write_text(json.dumps(job))
     cmd = [sys.executable, __file__, "--worker", "--job", str(job_path), "--out", str(out_path)]
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL if not args.verbose else None)
     if proc.returncode != 0 or not out_path.exists():
-        return {"method": method, "batch": batch, "error": f"engine exited with {proc.returncode}"}
-    result = json.loads(out_path.read_text())
-    # Keep each job's raw result, so an interrupted run still leaves what it measured.
-    out_path.replace(RESULTS / f"engine_job_{tag}.json")
+        return [{"method": method, "batch": b, "error": f"engine exited with {proc.returncode}"} for b in batches]
+    results = json.loads(out_path.read_text())
+    # Keep each phase's raw result, so an interrupted run still leaves what it measured (and --reuse finds it).
+    for res in results:
+        (RESULTS / f"engine_job_{method}_b{res['batch']}.json").write_text(json.dumps(res))
+    out_path.unlink()
     job_path.unlink()
-    return result
+    return results
 
 
 def summarize(results):
@@ -280,27 +315,38 @@ def main():
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    results = []
     methods = sorted(args.methods, key=METHODS.index)  # "none" first: the oracle replays its outputs
-    for batch in args.batches:
-        refs = load_prompts(args, args.per_category if batch == 1 else args.per_category_batched)
-        reference = None
-        for method in methods:
+    refs_by_batch = {b: load_prompts(args, args.per_category if b == 1 else args.per_category_batched)
+                     for b in args.batches}
+    results, reference = [], {}
+    for method in methods:
+        todo = []
+        for batch in args.batches:
+            refs = refs_by_batch[batch]
             saved = RESULTS / f"engine_job_{method}_b{batch}.json"
             if args.reuse and saved.exists():
                 res = json.loads(saved.read_text())
                 print(f"== {method}, batch {batch}: reusing {saved.name}", flush=True)
                 if res.get("prompts") != [r["prompt_ids"] for r in refs]:
                     raise SystemExit(f"{saved.name} was measured on other prompts: delete it or drop --reuse")
+                results.append(res)
+            elif method == "oracle" and batch not in reference:
+                results.append({"method": method, "batch": batch,
+                                "error": "the oracle needs the 'none' run of this batch"})
             else:
-                print(f"== {method}, batch {batch}, {len(refs)} prompts", flush=True)
-                res = run_job(method, batch, refs, args, reference)
-            res["categories"] = [r["category"] for r in refs]
-            if method == "none" and "error" not in res:
-                reference = res
-            if "error" in res:
-                print(f"   {method} failed: {res['error']}", flush=True)
-            results.append(res)
+                todo.append(batch)
+        if todo:
+            print(f"== {method}, batches {todo}, prompts {[len(refs_by_batch[b]) for b in todo]}", flush=True)
+            results += run_method(method, todo, refs_by_batch, reference, args)
+        for res in results:
+            if res["method"] == method and "error" not in res and method == "none":
+                reference[res["batch"]] = res
+    for res in results:
+        if "error" in res:
+            print(f"   {res['method']} b={res['batch']} failed: {res['error']}", flush=True)
+        else:
+            res["categories"] = [r["category"] for r in refs_by_batch[res["batch"]]]
+    results.sort(key=lambda r: (r["batch"], METHODS.index(r["method"])))
     cats, table = summarize(results)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "engine_bench.json").write_text(json.dumps({"args": vars(args), "table": table,

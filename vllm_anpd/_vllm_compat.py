@@ -273,3 +273,31 @@ def time_drafter(worker) -> bool:
 def drafter_seconds(worker) -> float | None:
     drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
     return getattr(drafter, "_anpd_seconds", None)
+
+
+def reset_drafter(worker) -> str:
+    """For ``LLM.collective_rpc``, between benchmark phases on one engine (no unfinished request): make the
+    worker's drafter forget what earlier requests taught it, as a fresh engine's would. Returns what was done.
+
+    ANPD and the benchmark oracle: their ``reset()``. vLLM's ``SuffixDecodingProposer``
+    (``v1/spec_decode/suffix_decoding.py``) keeps finished requests' outputs in its Arctic Inference cache
+    (``suffix_cache``); each is evicted with ``evict_cached_response``, the call that proposer itself uses.
+    vLLM's ``ngram`` keeps no state across requests.
+    """
+    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    if drafter is None:
+        return "no drafter"
+    if callable(getattr(drafter, "reset", None)):
+        drafter.reset()
+        return f"{type(drafter).__name__}.reset()"
+    cache = getattr(drafter, "suffix_cache", None)
+    if cache is not None:
+        # The proposer stops finished requests lazily, at its next propose(); stop them all now. (A request
+        # still in flight would be restarted from its prompt at its next step: exact, with weaker drafts.)
+        for req_id in list(cache.active_requests):
+            cache.stop_request(req_id)
+        cached = list(cache.cached_requests)
+        for req_id in cached:
+            cache.evict_cached_response(req_id)
+        return f"evicted {len(cached)} cached suffix responses"
+    return f"{type(drafter).__name__}: no cross-request state"

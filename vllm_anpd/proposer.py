@@ -36,6 +36,7 @@ class AnpdProposer:
         self.k = self.params.num_speculative_tokens
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         max_num_seqs = int(vllm_config.scheduler_config.max_num_seqs)
+        self._max_num_seqs = max_num_seqs
         self.tables = NgramTables(self.params, num_slots=max_num_seqs, max_batch=max_num_seqs)
         self.budget = BatchBudget(self.params)
         self._slots = np.full(max_num_seqs, -1, np.int32)
@@ -69,6 +70,18 @@ class AnpdProposer:
         self.tables.released_level_stats[:] = 0
         self.tables.cell_stats[:] = 0
         self.budget = BatchBudget(self.params)
+
+    def reset(self) -> None:
+        """Forget everything earlier requests taught: the cross-request table, the batch budget's averages and
+        the statistics, as in a freshly started engine (benchmark phases, tenant isolation). Meant for when
+        the engine has no unfinished request; a request still in flight stays exact: at its next step it gets
+        a new slot, rebuilt from its whole context."""
+        self._slot_of.clear()
+        self._owner.clear()
+        self.tables = NgramTables(self.params, num_slots=self._max_num_seqs, max_batch=self._max_num_seqs)
+        self._warm_up(self._max_num_seqs)
+        self.draft_length_histogram[:] = 0
+        self._logged_drafts = 0
 
     def load_model(self, *args, **kwargs) -> None:
         """No model: the CPU runner calls this unconditionally."""

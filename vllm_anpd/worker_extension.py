@@ -20,3 +20,6 @@ class AnpdWorkerExtension:
 
     def anpd_drafter_seconds(self):
         return _vllm_compat.drafter_seconds(self)
+
+    def anpd_reset_drafter(self) -> str:
+        return _vllm_compat.reset_drafter(self)

@@ -25,14 +25,19 @@ class OracleProposer:
             raise ValueError(f"{ENV} must name a references JSONL file for the oracle proposer")
         self.k = vllm_config.speculative_config.num_speculative_tokens
         self.max_model_len = vllm_config.model_config.max_model_len
-        self.refs = {}
-        with open(path) as f:
-            for line in f:
-                r = json.loads(line)
-                self.refs[tuple(r["prompt_ids"])] = r["output_ids"]
+        self._path = path
+        self.reset()
         self._runner = _vllm_compat.find_constructing_runner()
         if self._runner is None:
             raise RuntimeError("OracleProposer must be built by a vLLM model runner")
+
+    def reset(self) -> None:
+        """(Re)read the references file: a benchmark rewrites it between phases of one engine."""
+        self.refs = {}
+        with open(self._path) as f:
+            for line in f:
+                r = json.loads(line)
+                self.refs[tuple(r["prompt_ids"])] = r["output_ids"]
 
     def load_model(self, *args, **kwargs):
         pass
