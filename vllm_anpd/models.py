@@ -66,7 +66,8 @@ def use_reloadable_compile_cache() -> None:
     vLLM CPU 0.32 saves an AOT-compiled model at every start but cannot load it back (its loader calls
     ``finalize_loading`` on a plain function: ``VLLM_FORCE_AOT_LOAD=1`` shows the error), so each engine
     recompiles. With AOT compile off, vLLM falls back to inductor's content-addressed on-disk cache, which
-    does hit on restarts (and across engine configurations). Same compiled code, so step times do not change.
+    does hit on restarts (and across engine configurations). Step times: one A/B without speculation gave
+    14.85 tok/s with AOT and 14.11 without, within this machine's run-to-run noise (+-8 %).
     An explicit ``VLLM_USE_AOT_COMPILE`` in the environment wins; on a GPU nothing is changed.
     """
     import torch
