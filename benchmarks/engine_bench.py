@@ -338,9 +338,8 @@ def main():
         if todo:
             print(f"== {method}, batches {todo}, prompts {[len(refs_by_batch[b]) for b in todo]}", flush=True)
             results += run_method(method, todo, refs_by_batch, reference, args)
-        for res in results:
-            if res["method"] == method and "error" not in res and method == "none":
-                reference[res["batch"]] = res
+        if method == "none":
+            reference = {r["batch"]: r for r in results if r["method"] == "none" and "error" not in r}
     for res in results:
         if "error" in res:
             print(f"   {res['method']} b={res['batch']} failed: {res['error']}", flush=True)
