@@ -236,12 +236,17 @@ def live_requests(runner) -> dict | None:
     return getattr(runner, "requests", None)
 
 
+def worker_drafter(worker):
+    """The proposer a worker's model runner drafts with: ``worker.model_runner.drafter`` (None if absent)."""
+    return getattr(getattr(worker, "model_runner", None), "drafter", None)
+
+
 def drafter_stats(worker) -> dict | None:
     """For ``LLM.collective_rpc``: the ANPD proposer's statistics in a worker (``worker.model_runner.drafter``),
     or None if that worker has no ANPD proposer."""
     from .proposer import AnpdProposer
 
-    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    drafter = worker_drafter(worker)
     if not isinstance(drafter, AnpdProposer):
         return None
     return drafter.stats()
@@ -252,7 +257,7 @@ def time_drafter(worker) -> bool:
     to accumulate its wall time; ``drafter_seconds`` reads it. Works for any proposer (ngram, suffix, anpd)."""
     import time
 
-    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    drafter = worker_drafter(worker)
     if drafter is None or getattr(drafter, "_anpd_timed", False):
         return drafter is not None
     inner = drafter.propose
@@ -271,7 +276,7 @@ def time_drafter(worker) -> bool:
 
 
 def drafter_seconds(worker) -> float | None:
-    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    drafter = worker_drafter(worker)
     return getattr(drafter, "_anpd_seconds", None)
 
 
@@ -284,7 +289,7 @@ def reset_drafter(worker) -> str:
     (``suffix_cache``); each is evicted with ``evict_cached_response``, the call that proposer itself uses.
     vLLM's ``ngram`` keeps no state across requests.
     """
-    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    drafter = worker_drafter(worker)
     if drafter is None:
         return "no drafter"
     if callable(getattr(drafter, "reset", None)):

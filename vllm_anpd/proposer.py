@@ -37,8 +37,6 @@ class AnpdProposer:
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         max_num_seqs = int(vllm_config.scheduler_config.max_num_seqs)
         self._max_num_seqs = max_num_seqs
-        self.tables = NgramTables(self.params, num_slots=max_num_seqs, max_batch=max_num_seqs)
-        self.budget = BatchBudget(self.params)
         self._slots = np.full(max_num_seqs, -1, np.int32)
         self._max_draft = np.zeros(max_num_seqs, np.int32)
         self._slot_of: dict[str, int] = {}
@@ -47,13 +45,12 @@ class AnpdProposer:
         if self._runner is None:
             logger.warning("AnpdProposer built outside a vLLM model runner: requests are tracked by batch "
                            "row, which keeps outputs exact but weakens drafts when rows move.")
-        self._warm_up(max_num_seqs)
         # Draft lengths proposed (index = length), for the adaptive-length distribution.
         self.draft_length_histogram = np.zeros(self.k + 1, np.int64)
         self._log_interval = _vllm_compat.stats_log_interval()
         self._log_enabled = os.environ.get(LOG_STATS_ENV, "1") != "0"
         self._next_log = time.monotonic() + self._log_interval
-        self._logged_drafts = 0
+        self.reset()  # builds the tables and the budget, and warms the kernel up
 
     def _warm_up(self, max_num_seqs: int) -> None:
         """Compile (or load from numba's disk cache) the kernel with vLLM's dtypes before serving."""
