@@ -1,0 +1,109 @@
+"""Alternating A/B of engine configurations at one batch size: where does speculation's cost come from?
+
+    python benchmarks/batch_ab.py [--batch 32] [--prompts 48] [--repeats 2] [--configs none none-sync anpd-zero anpd]
+
+Configurations (each run in its own engine process, one after the other, in rounds, so drift hits all alike):
+* ``none``: no speculation (vLLM then uses async scheduling);
+* ``none-sync``: no speculation, ``async_scheduling=False``. On a GPU this is what every CPU-side proposer
+  gets (vLLM disables async scheduling for the ngram, suffix and custom_class methods). vLLM CPU turns
+  async scheduling off for every engine (``vllm/platforms/cpu.py``), so here it is the same engine as
+  ``none`` run again: a direct measure of the run-to-run noise;
+* ``anpd-zero``: ANPD with a gate no successor passes (speculative decoding on, no draft ever);
+* ``anpd``: ANPD's defaults.
+Spec-Bench first turns (5 per category, the engine benchmark's batched set), greedy, float32, max_tokens 128,
+closed loop with ``--batch`` requests in flight. Appends one JSON line per run to results/batch_ab.jsonl and
+prints a summary (mean tok/s per configuration and ratio to ``none``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+NEVER = 2**30  # a minimum count no successor reaches
+CONFIGS = {
+    "none": (None, {}),
+    "none-sync": (None, {"async_scheduling": False}),
+    "anpd-zero": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_min_count": NEVER,
+                   "anpd_cross_min_count": NEVER}, {}),
+    "anpd": ({"method": "anpd", "num_speculative_tokens": 5}, {}),
+}
+
+
+def run_one(name: str, batch: int, n_prompts: int) -> dict:
+    sys.path.insert(0, str(HERE))
+    import engine_bench
+    from vllm import LLM, SamplingParams
+
+    from vllm_anpd import models
+
+    spec, extra = CONFIGS[name]
+    prompts = [p["prompt_ids"] for p in engine_bench.load_prompts(argparse.Namespace(full=False), 5)][:n_prompts]
+    llm = LLM(speculative_config=spec, disable_log_stats=False,
+              **models.engine_kwargs(max_num_seqs=batch, **extra))
+    llm.generate(["Hello, how are you?"], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=128)
+    before = engine_bench.counters(llm)
+    next_prompt = in_flight = tokens = steps = 0
+    t0 = time.perf_counter()
+    while next_prompt < len(prompts) or engine.has_unfinished_requests():
+        while in_flight < batch and next_prompt < len(prompts):
+            engine.add_request(f"r-{next_prompt}", {"prompt_token_ids": prompts[next_prompt]}, params)
+            next_prompt += 1
+            in_flight += 1
+        for out in engine.step():
+            if out.finished:
+                in_flight -= 1
+                tokens += len(out.outputs[0].token_ids)
+        steps += 1
+    elapsed = time.perf_counter() - t0
+    after = engine_bench.counters(llm)
+    return dict(name=name, batch=batch, prompts=n_prompts, elapsed=elapsed, tokens=tokens, steps=steps,
+                tok_s=tokens / elapsed, counters={k: after.get(k, 0) - before.get(k, 0) for k in after})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(run_one(args.worker, args.batch, args.prompts)), flush=True)
+        return
+    from tqdm import tqdm
+
+    RESULTS.mkdir(exist_ok=True)
+    runs = []
+    jobs = [name for _ in range(args.repeats) for name in args.configs]
+    for name in tqdm(jobs, desc="engine runs"):
+        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--batch", str(args.batch),
+                               "--prompts", str(args.prompts)], capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.stderr.write(proc.stderr[-3000:])
+            raise SystemExit(f"run {name!r} failed (exit code {proc.returncode})")
+        result = json.loads(lines[-1][len("RESULT "):])
+        runs.append(result)
+        with open(RESULTS / "batch_ab.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+    base = [r["tok_s"] for r in runs if r["name"] == "none"]
+    print("| configuration | runs (tok/s) | mean | vs none |\n|---|---|---:|---:|")
+    for name in args.configs:
+        values = [r["tok_s"] for r in runs if r["name"] == name]
+        mean = sum(values) / len(values)
+        ratio = f"{mean / (sum(base) / len(base)):.3f}x" if base else "-"
+        print(f"| {name} | {', '.join(f'{v:.1f}' for v in values)} | {mean:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
