@@ -11,7 +11,8 @@ Configurations (each run in its own engine process, one after the other, in roun
 * ``anpd-zero``: ANPD with a gate no successor passes (speculative decoding on, no draft ever);
 * ``anpd``: ANPD's defaults.
 Spec-Bench first turns (5 per category, the engine benchmark's batched set), greedy, float32, max_tokens 128,
-closed loop with ``--batch`` requests in flight. Appends one JSON line per run to results/batch_ab.jsonl and
+closed loop with ``--batch`` requests in flight (``engine_bench.run_phase``). Appends one JSON line per run to
+results/batch_ab.jsonl (lines of 2026-11-23 count engine steps in ``steps``; later ones give ``mat``) and
 prints a summary (mean tok/s per configuration and ratio to ``none``).
 """
 
@@ -21,7 +22,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,27 +46,15 @@ def run_one(name: str, batch: int, n_prompts: int) -> dict:
     spec, extra = CONFIGS[name]
     prompts = [p["prompt_ids"] for p in engine_bench.load_prompts(argparse.Namespace(full=False), 5)][:n_prompts]
     llm = LLM(speculative_config=spec, disable_log_stats=False,
+              worker_extension_cls="vllm_anpd.worker_extension.AnpdWorkerExtension",
               **models.engine_kwargs(max_num_seqs=batch, **extra))
     llm.generate(["Hello, how are you?"], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
-    engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=128)
-    before = engine_bench.counters(llm)
-    next_prompt = in_flight = tokens = steps = 0
-    t0 = time.perf_counter()
-    while next_prompt < len(prompts) or engine.has_unfinished_requests():
-        while in_flight < batch and next_prompt < len(prompts):
-            engine.add_request(f"r-{next_prompt}", {"prompt_token_ids": prompts[next_prompt]}, params)
-            next_prompt += 1
-            in_flight += 1
-        for out in engine.step():
-            if out.finished:
-                in_flight -= 1
-                tokens += len(out.outputs[0].token_ids)
-        steps += 1
-    elapsed = time.perf_counter() - t0
-    after = engine_bench.counters(llm)
-    return dict(name=name, batch=batch, prompts=n_prompts, elapsed=elapsed, tokens=tokens, steps=steps,
-                tok_s=tokens / elapsed, counters={k: after.get(k, 0) - before.get(k, 0) for k in after})
+    # The engine benchmark's closed loop (at most `batch` requests in flight), so both measure alike.
+    phase = engine_bench.run_phase(llm, {"method": name, "spec": spec, "max_tokens": 128},
+                                   {"prompts": prompts, "batch": batch}, has_drafter=False)
+    tokens = sum(len(t) for t in phase["tokens"])
+    return dict(name=name, batch=batch, prompts=n_prompts, elapsed=phase["elapsed"], tokens=tokens,
+                mat=tokens / sum(phase["steps"]), tok_s=tokens / phase["elapsed"], counters=phase["counters"])
 
 
 def main() -> None:
