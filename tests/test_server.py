@@ -56,6 +56,24 @@ def wait_healthy(base: str, proc, timeout: float = 900) -> None:
     raise TimeoutError("server did not become healthy")
 
 
+def server_log_path() -> str:
+    return os.path.join(models.cache_dir(), "test_server.log")
+
+
+def server_log_errors(max_lines: int = 80) -> str:
+    """The server's log from its first traceback or error line on (at most MAX_LINES), else its last lines:
+    a failing assertion carries the engine's own account of what went wrong into the test report."""
+    try:
+        with open(server_log_path(), errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        return f"(no server log: {e})"
+    first = next((i for i, line in enumerate(lines)
+                  if "Traceback" in line or " ERROR " in line or "Fatal Python error" in line), None)
+    picked = lines[first:first + max_lines] if first is not None else lines[-max_lines:]
+    return "\n".join(line[:400] for line in picked)
+
+
 KV_CACHE_BYTES = 2 * 2**30  # small: the test never needs more, and the machine may be shared
 
 
@@ -103,7 +121,7 @@ def server(offline):
             "--seed", "0", "--speculative-config", json.dumps(ANPD),
             # ANPD's statistics over HTTP: POST /collective_rpc {"method": "anpd_stats"} (vLLM's dev-mode route).
             "--worker-extension-cls", "vllm_anpd.worker_extension.AnpdWorkerExtension"]
-    log = open(os.path.join(models.cache_dir(), "test_server.log"), "w")
+    log = open(server_log_path(), "w")
     # Own process group: the server's engine-core and worker processes are stopped with it.
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
@@ -183,7 +201,8 @@ def test_load_64_streaming_clients_with_disconnects(server, offline):
     messages = load_messages()
     results = asyncio.run(run_load(server, messages))
     errors = [r["error"] for _, r in results if "error" in r]
-    assert not errors, f"{len(errors)} requests failed or hung, first: {errors[0]}"
+    assert not errors, (f"{len(errors)} requests failed or hung, first: {errors[0]}\n"
+                        f"--- server log ---\n{server_log_errors()}")
     with urllib.request.urlopen(server + "/health", timeout=10) as r:
         assert r.status == 200
     greedy_done = [(p, r) for p, r in results if not p["sampled"] and "text" in r]
