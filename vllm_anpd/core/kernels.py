@@ -2,16 +2,19 @@
 
 Data layout (one *slot* per live request; see ``tables.py`` for the owner of these arrays):
 
-* ``key_fp[s]``   int64[cap_k]      open-addressing table (linear probing) of n-gram *keys*: a 64-bit
-                                    fingerprint of (key length, the n-1 key tokens); 0 marks an empty cell.
-* ``key_stat[s]`` int32[cap_k, 3]   per key: top successor token, its count, total successor count.
-* ``pair_fp[s]``  int64[cap_p]      table of (key, successor) pairs, fingerprint of (key fp, token).
-* ``pair_cnt[s]`` int32[cap_p]      count of that successor after that key.
+* ``keys[s]``  int64[cap_k, 4]   open-addressing table (linear probing) of n-gram *keys*, one 32-byte record
+                                  per key: 64-bit fingerprint of (key length, the n-1 key tokens) (0 marks
+                                  an empty cell), top successor token, its count, total successor count.
+* ``pairs[s]`` int64[cap_p, 2]   table of (key, successor) pairs: fingerprint of (key fp, token), count.
+                                  It holds the successors that are *not* their key's top: the top's count
+                                  lives in the key record, and a pair cell of the current top is stale.
 
 Because counts only grow by one at a time, the top successor can be maintained incrementally with the
 rule "highest count, ties to the most recent": when a successor's count reaches the current top count,
-it becomes the top (it is the most recent). So drafting reads one cell per level, and an update costs
-O(levels) hash probes per token, never a rescan of the context.
+it becomes the top (it is the most recent), and the old top's count moves to the pair table. So drafting
+reads one record per level, and an update costs O(levels) hash probes per token, never a rescan of the
+context. Most observations touch one cache line per level: a key seen for the first time, or followed
+again by its top successor, needs no pair cell (in text, most keys have a single successor).
 
 Fingerprints are 64-bit; two different keys sharing one is possible in principle (about 2^-64 per
 pair) and would only change a draft, never the output (the target model verifies every draft token).
@@ -36,6 +39,14 @@ META_PROB_STOPS = 9  # drafts cut short by the adaptive stop probability
 META_CLEARS = 10  # cross-request table only: times it was cleared on reaching its bound
 META_COLUMNS = 11
 
+# --- key record columns (int64[cap_k, KEY_COLUMNS]) --------------------------------------------------
+KEY_FP = 0  # fingerprint of (key length, key tokens); 0: empty
+KEY_TOP = 1  # top successor token
+KEY_TOP_COUNT = 2  # its count
+KEY_TOTAL = 3  # total successor count
+KEY_COLUMNS = 4
+PAIR_COLUMNS = 2  # fingerprint of (key fp, successor), count
+
 # --- acceptance-probability cells: (level, count bucket, share bucket) ------------------------------
 COUNT_BUCKETS = 6  # top count 1, 2-3, 4-7, 8-15, 16-31, 32+
 SHARE_BUCKETS = 3  # top share < 0.5, < 0.8, >= 0.8
@@ -50,7 +61,6 @@ PRIOR_REACHED = 4.0
 CALIBRATION_DECAY = 0.9
 
 MAX_LOAD_NUM, MAX_LOAD_DEN = 3, 4  # tables grow past 75 % load
-CONSUME_CHUNK = 512  # tokens folded in per capacity reservation
 
 _K0 = np.uint64(0x9E3779B97F4A7C15)
 _K1 = np.uint64(0xD6E8FEB86659FD93)
@@ -95,12 +105,13 @@ def _pair_fingerprint(key_fp, token):
 
 
 @njit(cache=True, inline="always")
-def _probe(fps, fp):
-    """Index of ``fp`` in ``fps`` if present, else ``-1 - (index of the empty cell where it would go)``."""
-    mask = fps.size - 1
+def _probe(table, fp):
+    """Row of ``fp`` in ``table`` (fingerprints in column 0) if present, else ``-1 - (the empty row where it
+    would go)``."""
+    mask = table.shape[0] - 1
     i = fp & mask
     while True:
-        v = fps[i]
+        v = table[i, 0]
         if v == fp:
             return i
         if v == 0:
@@ -119,37 +130,18 @@ def table_capacity_for(entries):
 
 
 @njit(cache=True)
-def _grow_keys(fps, stats, new_cap):
-    new_fps = np.zeros(new_cap, np.int64)
-    new_stats = np.zeros((new_cap, 3), np.int32)
+def _regrow(table, new_cap):
+    """``table``'s records rehashed into a new table of ``new_cap`` rows."""
+    new = np.zeros((new_cap, table.shape[1]), np.int64)
     mask = new_cap - 1
-    for i in range(fps.size):
-        f = fps[i]
+    for i in range(table.shape[0]):
+        f = table[i, 0]
         if f != 0:
             j = f & mask
-            while new_fps[j] != 0:
+            while new[j, 0] != 0:
                 j = (j + 1) & mask
-            new_fps[j] = f
-            new_stats[j, 0] = stats[i, 0]
-            new_stats[j, 1] = stats[i, 1]
-            new_stats[j, 2] = stats[i, 2]
-    return new_fps, new_stats
-
-
-@njit(cache=True)
-def _grow_pairs(fps, counts, new_cap):
-    new_fps = np.zeros(new_cap, np.int64)
-    new_counts = np.zeros(new_cap, np.int32)
-    mask = new_cap - 1
-    for i in range(fps.size):
-        f = fps[i]
-        if f != 0:
-            j = f & mask
-            while new_fps[j] != 0:
-                j = (j + 1) & mask
-            new_fps[j] = f
-            new_counts[j] = counts[i]
-    return new_fps, new_counts
+            new[j, :] = table[i, :]
+    return new
 
 
 @njit(cache=True)
@@ -161,93 +153,106 @@ def _entry_limit(cap, max_entries):
 
 
 @njit(cache=True)
-def _reserve(s, extra, key_fp, key_stat, pair_fp, pair_cnt, meta, max_entries):
-    """Grow slot ``s``'s tables (once) so that ``extra`` more entries fit, up to ``max_entries``."""
-    want_k = meta[s, META_KEYS] + extra
-    want_p = meta[s, META_PAIRS] + extra
+def _room_for(table, used, extra, max_entries):
+    """``table`` or a grown copy in which ``extra`` more records fit (doubling, so growth is amortised
+    O(1) per record), never grown past what ``max_entries`` needs."""
+    want = used + extra
+    if want <= _entry_limit(table.shape[0], 0):
+        return table
+    grown = max(want, 2 * used)
     if max_entries > 0:
-        want_k = min(want_k, max_entries)
-        want_p = min(want_p, max_entries)
-    if want_k > _entry_limit(key_fp[s].size, 0):
-        new_fps, new_stats = _grow_keys(key_fp[s], key_stat[s], table_capacity_for(want_k))
-        key_fp[s] = new_fps
-        key_stat[s] = new_stats
-    if want_p > _entry_limit(pair_fp[s].size, 0):
-        new_fps, new_counts = _grow_pairs(pair_fp[s], pair_cnt[s], table_capacity_for(want_p))
-        pair_fp[s] = new_fps
-        pair_cnt[s] = new_counts
+        if used >= max_entries:
+            return table  # full: observations are dropped (and counted) instead
+        grown = min(grown, max_entries)
+    if table_capacity_for(grown) <= table.shape[0]:
+        return table
+    return _regrow(table, table_capacity_for(grown))
 
 
 @njit(cache=True)
-def _observe(s, fp, pf, token, kfp, kstat, pfp, pcnt, meta, max_entries):
-    """Count one occurrence of ``token`` after the key ``fp`` in slot ``s`` (``pf``: their pair fingerprint)."""
-    ki = _probe(kfp, fp)
+def _upsert_pair(pairs, pf, count, meta, s, limit):
+    """Set pair ``pf``'s count to ``count`` (inserting it); False if it is new and the table is full."""
+    pi = _probe(pairs, pf)
+    if pi < 0:
+        if meta[s, META_PAIRS] >= limit:
+            return False
+        pi = -1 - pi
+        pairs[pi, 0] = pf
+        meta[s, META_PAIRS] += 1
+    pairs[pi, 1] = count
+    return True
+
+
+@njit(cache=True)
+def _observe(s, fp, token, keys, pairs, meta, max_entries):
+    """Count one occurrence of ``token`` after the key ``fp`` in slot ``s``."""
+    ki = _probe(keys, fp)
     if ki < 0:
-        if meta[s, META_KEYS] >= _entry_limit(kfp.size, max_entries) or \
-                meta[s, META_PAIRS] >= _entry_limit(pfp.size, max_entries):
+        if meta[s, META_KEYS] >= _entry_limit(keys.shape[0], max_entries):
             meta[s, META_DROPPED] += 1
             return
         ki = -1 - ki
-        kfp[ki] = fp
-        kstat[ki, 0] = token
-        kstat[ki, 1] = 1
-        kstat[ki, 2] = 1
+        keys[ki, KEY_FP] = fp
+        keys[ki, KEY_TOP] = token
+        keys[ki, KEY_TOP_COUNT] = 1
+        keys[ki, KEY_TOTAL] = 1
         meta[s, META_KEYS] += 1
-        pi = -1 - _probe(pfp, pf)
-        pfp[pi] = pf
-        pcnt[pi] = 1
-        meta[s, META_PAIRS] += 1
         return
-    pi = _probe(pfp, pf)
+    top = keys[ki, KEY_TOP]
+    if token == top:  # the common case: the top's count lives in the key record
+        keys[ki, KEY_TOP_COUNT] += 1
+        keys[ki, KEY_TOTAL] += 1
+        return
+    pair_limit = _entry_limit(pairs.shape[0], max_entries)
+    pf = _pair_fingerprint(fp, token)
+    pi = _probe(pairs, pf)
     if pi < 0:
-        if meta[s, META_PAIRS] >= _entry_limit(pfp.size, max_entries):
+        if meta[s, META_PAIRS] >= pair_limit:
             meta[s, META_DROPPED] += 1
             return
         pi = -1 - pi
-        pfp[pi] = pf
-        pcnt[pi] = 0
+        pairs[pi, 0] = pf
+        pairs[pi, 1] = 0
         meta[s, META_PAIRS] += 1
-    c = pcnt[pi] + 1
-    pcnt[pi] = c
-    kstat[ki, 2] += 1
-    if c >= kstat[ki, 1]:  # ties go to the most recent successor: this one
-        kstat[ki, 0] = token
-        kstat[ki, 1] = c
+    c = pairs[pi, 1] + 1
+    pairs[pi, 1] = c
+    keys[ki, KEY_TOTAL] += 1
+    top_count = keys[ki, KEY_TOP_COUNT]
+    if c >= top_count:  # ties go to the most recent successor: this one. The old top's count moves out.
+        if _upsert_pair(pairs, _pair_fingerprint(fp, top), top_count, meta, s, pair_limit):
+            keys[ki, KEY_TOP] = token
+            keys[ki, KEY_TOP_COUNT] = c
+        else:  # no cell to keep the old top's count: keep the old top (only in a full, bounded table)
+            meta[s, META_DROPPED] += 1
 
 
 @njit(cache=True)
-def _consume(s, row, start, end, n_min, n_max, key_fp, key_stat, pair_fp, pair_cnt, meta, max_entries, fps,
-             pfps, sink):
+def _consume(s, row, start, end, n_min, n_max, keys, pairs, meta, max_entries, fps, sink):
     """Fold tokens ``row[start:end]`` (each as a successor of the keys before it) into slot ``s``."""
     num_levels = n_max - n_min + 1
     touched = np.int64(0)
-    # Reserve chunk by chunk: a long prompt repeats many n-grams, so reserving levels x length entries
-    # up front would over-allocate; doubling per chunk keeps growth amortised O(1) per token.
-    for chunk_start in range(start, end, CONSUME_CHUNK):
-        chunk_end = min(end, chunk_start + CONSUME_CHUNK)
-        _reserve(s, (chunk_end - chunk_start) * num_levels, key_fp, key_stat, pair_fp, pair_cnt, meta,
-                 max_entries)
-        kfp = key_fp[s]
-        kstat = key_stat[s]
-        pfp = pair_fp[s]
-        pcnt = pair_cnt[s]
-        kmask = kfp.size - 1
-        pmask = pfp.size - 1
-        for pos in range(chunk_start, chunk_end):
-            token = row[pos]
-            longest = min(n_max - 1, pos)
-            if longest < n_min - 1:
-                continue
-            key_fingerprints(row, pos, longest, fps)
-            # The levels' cells are independent: load all of them first so that their cache misses
-            # overlap (a long context's tables live in DRAM), then update them one by one.
-            for m in range(n_min - 1, longest + 1):
-                pfps[m] = _pair_fingerprint(fps[m], token)
-                ki = fps[m] & kmask
-                pi = pfps[m] & pmask
-                touched += kfp[ki] + kstat[ki, 1] + pfp[pi] + pcnt[pi]
-            for m in range(n_min - 1, longest + 1):
-                _observe(s, fps[m], pfps[m], token, kfp, kstat, pfp, pcnt, meta, max_entries)
+    kt = keys[s]
+    pt = pairs[s]
+    for pos in range(start, end):
+        token = row[pos]
+        longest = min(n_max - 1, pos)
+        if longest < n_min - 1:
+            continue
+        # Room for this position's records before touching them (the table object may change).
+        if meta[s, META_KEYS] + num_levels > _entry_limit(kt.shape[0], 0):
+            kt = _room_for(kt, meta[s, META_KEYS], num_levels, max_entries)
+            keys[s] = kt
+        if meta[s, META_PAIRS] + 2 * num_levels > _entry_limit(pt.shape[0], 0):
+            pt = _room_for(pt, meta[s, META_PAIRS], 2 * num_levels, max_entries)
+            pairs[s] = pt
+        key_fingerprints(row, pos, longest, fps)
+        # The levels' records are independent: load all of them first so that their cache misses
+        # overlap (a long context's tables live in DRAM), then update them one by one.
+        kmask = kt.shape[0] - 1
+        for m in range(n_min - 1, longest + 1):
+            touched += kt[fps[m] & kmask, KEY_TOP]
+        for m in range(n_min - 1, longest + 1):
+            _observe(s, fps[m], token, kt, pt, meta, max_entries)
     meta[s, META_CONSUMED] = end
     sink[0] += touched
 
@@ -300,7 +305,7 @@ def _feedback(s, row, start, end, last_draft, last_cell, meta, calib, level_stat
 
 
 @njit(cache=True)
-def _lookup(kfp, kstat, fps, longest, n_min, n_max, min_count, min_share, sink):
+def _lookup(kt, fps, longest, n_min, n_max, min_count, min_share, sink):
     """Highest level whose key (fingerprint ``fps[n - 1]``, keys up to length ``longest``) is in the table
     and passes the gate.
 
@@ -308,30 +313,29 @@ def _lookup(kfp, kstat, fps, longest, n_min, n_max, min_count, min_share, sink):
     table or -1)``.
     """
     top_lv = min(longest - n_min + 1, n_max - n_min)
-    mask = kfp.size - 1
+    mask = kt.shape[0] - 1
     touched = np.int64(0)
     for lv in range(top_lv, -1, -1):  # start every level's cache misses before walking them in order
-        i = fps[n_min + lv - 1] & mask
-        touched += kfp[i] + kstat[i, 1]
+        touched += kt[fps[n_min + lv - 1] & mask, KEY_TOP]
     sink[0] += touched
     matched = -1
     for lv in range(top_lv, -1, -1):
-        ki = _probe(kfp, fps[n_min + lv - 1])
+        ki = _probe(kt, fps[n_min + lv - 1])
         if ki < 0:
             continue
         if matched < 0:
             matched = lv
-        top_count = kstat[ki, 1]
-        total = kstat[ki, 2]
+        top_count = kt[ki, KEY_TOP_COUNT]
+        total = kt[ki, KEY_TOTAL]
         if top_count < min_count[lv] or top_count < min_share[lv] * total:
             continue
-        return lv, kstat[ki, 0], top_count, total, matched
+        return lv, kt[ki, KEY_TOP], top_count, total, matched
     return -1, 0, 0, 0, matched
 
 
 @njit(cache=True)
 def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cross_min_count, stop_probability,
-           key_fp, key_stat, last_draft, last_cell, meta, calib, level_stats, cell_stats, buf, fps, out, sink):
+           keys, last_draft, last_cell, meta, calib, level_stats, cell_stats, buf, fps, out, sink):
     """Chain up to ``k`` tokens after ``row[:num_tokens]`` into ``out[r]``; returns the draft length.
 
     Each token comes from the request's own tables (slot ``s``) or, when none of its levels passes the gate,
@@ -356,12 +360,12 @@ def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cros
     for j in range(k):
         longest = min(blen, n_max - 1)
         key_fingerprints(buf, blen, longest, fps)
-        level, top, top_count, total, own_match = _lookup(key_fp[s], key_stat[s], fps, min(longest, own_longest),
+        level, top, top_count, total, own_match = _lookup(keys[s], fps, min(longest, own_longest),
                                                           n_min, n_max, min_count, min_share, sink)
         matched = own_match >= 0
         own_longest = max(n_min + own_match, n_min - 1)
         if level < 0 and g >= 0:
-            lv, top, top_count, total, cross_match = _lookup(key_fp[g], key_stat[g], fps, longest, n_min, n_max,
+            lv, top, top_count, total, cross_match = _lookup(keys[g], fps, longest, n_min, n_max,
                                                              cross_min_count, min_share, sink)
             matched = matched or cross_match >= 0
             if lv >= 0:
@@ -390,12 +394,10 @@ def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cros
 
 
 @njit(cache=True)
-def reset_slot(s, key_fp, key_stat, pair_fp, pair_cnt, meta, calib, level_stats, last_draft, last_cell):
+def reset_slot(s, keys, pairs, meta, calib, level_stats, last_draft, last_cell):
     """Erase every trace of slot ``s``'s previous request (tables keep their capacity)."""
-    key_fp[s][:] = 0
-    key_stat[s][:] = 0
-    pair_fp[s][:] = 0
-    pair_cnt[s][:] = 0
+    keys[s][:] = 0
+    pairs[s][:] = 0
     meta[s, :] = 0
     calib[s, :] = 0.0
     level_stats[s, :, :] = 0
@@ -405,8 +407,8 @@ def reset_slot(s, key_fp, key_stat, pair_fp, pair_cnt, meta, calib, level_stats,
 
 @njit(cache=True)
 def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count, min_share, cross_slot,
-               cross_min_count, cross_max_entries, stop_probability, max_entries, key_fp, key_stat, pair_fp,
-               pair_cnt, meta, calib, level_stats, cell_stats, last_draft, last_cell, out_drafts, out_lens):
+               cross_min_count, cross_max_entries, stop_probability, max_entries, keys, pairs, meta, calib,
+               level_stats, cell_stats, last_draft, last_cell, out_drafts, out_lens):
     """One engine step for a batch: fold new tokens into each request's tables, then draft.
 
     Row ``r`` of the batch is request slot ``slots[r]`` whose context is ``token_ids[r, :num_tokens[r]]``
@@ -424,7 +426,6 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
     """
     buf = np.empty(n_max - 1 + out_drafts.shape[1], np.int32)  # the chain being drafted
     fps = np.empty(n_max, np.int64)  # key fingerprints of every level at one position
-    pfps = np.empty(n_max, np.int64)  # (key, successor) fingerprints of every level at one position
     sink = np.zeros(1, np.int64)
     g = cross_slot
     for r in range(slots.size):
@@ -435,34 +436,29 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
         row = token_ids[r]
         n = min(num_tokens[r], row.size)
         if n < meta[s, META_CONSUMED]:
-            reset_slot(s, key_fp, key_stat, pair_fp, pair_cnt, meta, calib, level_stats, last_draft,
-                       last_cell)
+            reset_slot(s, keys, pairs, meta, calib, level_stats, last_draft, last_cell)
         start = meta[s, META_CONSUMED]
         if n > start:
             _feedback(s, row, start, n, last_draft, last_cell, meta, calib, level_stats, cell_stats)
-            _consume(s, row, start, n, n_min, n_max, key_fp, key_stat, pair_fp, pair_cnt, meta, max_entries, fps,
-                     pfps, sink)
+            _consume(s, row, start, n, n_min, n_max, keys, pairs, meta, max_entries, fps, sink)
             if g >= 0 and start > 0:
                 if meta[g, META_KEYS] + (n - start) * (n_max - n_min + 1) > cross_max_entries:
-                    _clear_tables(g, key_fp, key_stat, pair_fp, pair_cnt, meta)
-                _consume(g, row, start, n, n_min, n_max, key_fp, key_stat, pair_fp, pair_cnt, meta,
-                         cross_max_entries, fps, pfps, sink)
+                    _clear_tables(g, keys, pairs, meta)
+                _consume(g, row, start, n, n_min, n_max, keys, pairs, meta, cross_max_entries, fps, sink)
         k = min(max_draft[r], out_drafts.shape[1])
         if k <= 0 or n <= 0:
             meta[s, META_LAST_DRAFT_LEN] = 0
             continue
         out_lens[r] = _draft(s, g, r, row, n, k, n_min, n_max, min_count, min_share, cross_min_count,
-                             stop_probability, key_fp, key_stat, last_draft, last_cell, meta, calib,
+                             stop_probability, keys, last_draft, last_cell, meta, calib,
                              level_stats, cell_stats, buf, fps, out_drafts, sink)
     return sink[0]
 
 
 @njit(cache=True)
-def _clear_tables(s, key_fp, key_stat, pair_fp, pair_cnt, meta):
-    key_fp[s][:] = 0
-    key_stat[s][:] = 0
-    pair_fp[s][:] = 0
-    pair_cnt[s][:] = 0
+def _clear_tables(s, keys, pairs, meta):
+    keys[s][:] = 0
+    pairs[s][:] = 0
     meta[s, META_KEYS] = 0
     meta[s, META_PAIRS] = 0
     meta[s, META_CLEARS] += 1

@@ -17,11 +17,11 @@ _INITIAL_CAPACITY = 16
 
 
 def _empty_key_table():
-    return np.zeros(_INITIAL_CAPACITY, np.int64), np.zeros((_INITIAL_CAPACITY, 3), np.int32)
+    return np.zeros((_INITIAL_CAPACITY, K.KEY_COLUMNS), np.int64)
 
 
 def _empty_pair_table():
-    return np.zeros(_INITIAL_CAPACITY, np.int64), np.zeros(_INITIAL_CAPACITY, np.int32)
+    return np.zeros((_INITIAL_CAPACITY, K.PAIR_COLUMNS), np.int64)
 
 
 class NgramTables:
@@ -40,10 +40,8 @@ class NgramTables:
         self.params = params
         self._min_count = np.asarray(params.min_count, np.int32)
         self._min_share = np.asarray(params.min_share, np.float64)
-        self.key_fp = List()
-        self.key_stat = List()
-        self.pair_fp = List()
-        self.pair_cnt = List()
+        self.keys = List()  # per slot: int64[cap, 4] key records (see kernels.py)
+        self.pairs = List()  # per slot: int64[cap, 2] (key, successor) records
         self.meta = np.zeros((0, K.META_COLUMNS), np.int64)
         self.calib = np.zeros((0, 2), np.float64)
         # Per slot and level: drafted, accepted. Levels 0..L-1 are the request's own tables, L..2L-1 the
@@ -87,22 +85,18 @@ class NgramTables:
             raise ValueError(f"slot={slot!r}: not an acquired slot")
         self.released_meta += self.meta[slot]
         self.released_level_stats += self.level_stats[slot]
-        self.key_fp[slot], self.key_stat[slot] = _empty_key_table()
-        self.pair_fp[slot], self.pair_cnt[slot] = _empty_pair_table()
-        K.reset_slot(slot, self.key_fp, self.key_stat, self.pair_fp, self.pair_cnt, self.meta, self.calib,
-                     self.level_stats, self.last_draft, self.last_cell)
+        self.keys[slot] = _empty_key_table()
+        self.pairs[slot] = _empty_pair_table()
+        K.reset_slot(slot, self.keys, self.pairs, self.meta, self.calib, self.level_stats, self.last_draft,
+                     self.last_cell)
         self._free.append(slot)
 
     def _grow_slots(self, new_count: int) -> None:
         old = self.num_slots
         extra = new_count - old
         for _ in range(extra):
-            fp, st = _empty_key_table()
-            self.key_fp.append(fp)
-            self.key_stat.append(st)
-            fp, cnt = _empty_pair_table()
-            self.pair_fp.append(fp)
-            self.pair_cnt.append(cnt)
+            self.keys.append(_empty_key_table())
+            self.pairs.append(_empty_pair_table())
 
         def grow(a):
             return np.concatenate([a, np.zeros((extra,) + a.shape[1:], a.dtype)])
@@ -134,9 +128,8 @@ class NgramTables:
         K.step_batch(token_ids, num_tokens, slots, max_draft, p.n_min, p.n_max, self._min_count,
                      self._min_share, self.cross_slot, self._min_count_cross, p.cross_request_entries,
                      p.stop_probability if stop_probability is None else stop_probability,
-                     p.max_entries_per_request, self.key_fp, self.key_stat, self.pair_fp, self.pair_cnt,
-                     self.meta, self.calib, self.level_stats, self.cell_stats, self.last_draft, self.last_cell,
-                     self._out_drafts, self._out_lens)
+                     p.max_entries_per_request, self.keys, self.pairs, self.meta, self.calib, self.level_stats,
+                     self.cell_stats, self.last_draft, self.last_cell, self._out_drafts, self._out_lens)
         return self._out_drafts[:batch], self._out_lens[:batch]
 
     @staticmethod
@@ -149,14 +142,13 @@ class NgramTables:
     # --- introspection -----------------------------------------------------------------------------
     def bytes_in_use(self) -> int:
         """Bytes held by all tables and per-slot arrays (live and free slots)."""
-        total = sum(a.nbytes for lst in (self.key_fp, self.key_stat, self.pair_fp, self.pair_cnt) for a in lst)
+        total = sum(a.nbytes for lst in (self.keys, self.pairs) for a in lst)
         total += sum(a.nbytes for a in (self.meta, self.calib, self.level_stats, self.last_draft,
                                          self.last_cell, self.cell_stats, self._out_drafts, self._out_lens))
         return int(total)
 
     def slot_bytes(self, slot: int) -> int:
-        return int(self.key_fp[slot].nbytes + self.key_stat[slot].nbytes + self.pair_fp[slot].nbytes
-                   + self.pair_cnt[slot].nbytes)
+        return int(self.keys[slot].nbytes + self.pairs[slot].nbytes)
 
     def stats(self) -> dict:
         """Totals over live and released requests: drafts, tokens, acceptance, per-level figures."""
