@@ -1,6 +1,7 @@
 """Alternating A/B of engine configurations at one batch size: where does speculation's cost come from?
 
     python benchmarks/batch_ab.py [--batch 32] [--prompts 48] [--repeats 2] [--configs none none-sync anpd-zero anpd]
+    python benchmarks/batch_ab.py --batch 1 --per-category 1 --prompts 13 --configs none ngram suffix anpd
 
 Configurations (each run in its own engine process, one after the other, in rounds, so drift hits all alike):
 * ``none``: no speculation (vLLM then uses async scheduling);
@@ -9,8 +10,11 @@ Configurations (each run in its own engine process, one after the other, in roun
   async scheduling off for every engine (``vllm/platforms/cpu.py``), so here it is the same engine as
   ``none`` run again: a direct measure of the run-to-run noise;
 * ``anpd-zero``: ANPD with a gate no successor passes (speculative decoding on, no draft ever);
-* ``anpd``: ANPD's defaults.
-Spec-Bench first turns (5 per category, the engine benchmark's batched set), greedy, float32, max_tokens 128,
+* ``anpd``: ANPD's defaults;
+* ``ngram``, ``suffix``: vLLM's built-in methods as the engine benchmark runs them (k = 5; ngram with
+  prompt_lookup 2..4; suffix needs arctic-inference).
+Spec-Bench first turns (``--per-category``, 5 by default: the engine benchmark's batched set), greedy,
+float32, max_tokens 128,
 closed loop with ``--batch`` requests in flight (``engine_bench.run_phase``). Appends one JSON line per run to
 results/batch_ab.jsonl (lines of 2026-11-23 count engine steps in ``steps``; later ones give ``mat``) and
 prints a summary (mean tok/s per configuration and ratio to ``none``).
@@ -33,10 +37,12 @@ CONFIGS = {
     "anpd-zero": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_min_count": NEVER,
                    "anpd_cross_min_count": NEVER}, {}),
     "anpd": ({"method": "anpd", "num_speculative_tokens": 5}, {}),
+    "ngram": ({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2, "prompt_lookup_max": 4}, {}),
+    "suffix": ({"method": "suffix", "num_speculative_tokens": 5}, {}),
 }
 
 
-def run_one(name: str, batch: int, n_prompts: int) -> dict:
+def run_one(name: str, batch: int, n_prompts: int, per_category: int) -> dict:
     sys.path.insert(0, str(HERE))
     import engine_bench
     from vllm import LLM, SamplingParams
@@ -44,7 +50,8 @@ def run_one(name: str, batch: int, n_prompts: int) -> dict:
     from vllm_anpd import models
 
     spec, extra = CONFIGS[name]
-    prompts = [p["prompt_ids"] for p in engine_bench.load_prompts(argparse.Namespace(full=False), 5)][:n_prompts]
+    prompts = [p["prompt_ids"] for p in engine_bench.load_prompts(argparse.Namespace(full=False), per_category)]
+    prompts = prompts[:n_prompts]
     llm = LLM(speculative_config=spec, disable_log_stats=False,
               worker_extension_cls="vllm_anpd.worker_extension.AnpdWorkerExtension",
               **models.engine_kwargs(max_num_seqs=batch, **extra))
@@ -53,20 +60,22 @@ def run_one(name: str, batch: int, n_prompts: int) -> dict:
     phase = engine_bench.run_phase(llm, {"method": name, "spec": spec, "max_tokens": 128},
                                    {"prompts": prompts, "batch": batch}, has_drafter=False)
     tokens = sum(len(t) for t in phase["tokens"])
-    return dict(name=name, batch=batch, prompts=n_prompts, elapsed=phase["elapsed"], tokens=tokens,
-                mat=tokens / sum(phase["steps"]), tok_s=tokens / phase["elapsed"], counters=phase["counters"])
+    return dict(name=name, batch=batch, prompts=n_prompts, per_category=per_category, elapsed=phase["elapsed"],
+                tokens=tokens, mat=tokens / sum(phase["steps"]), tok_s=tokens / phase["elapsed"], counters=phase["counters"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--per-category", type=int, default=5, help="Spec-Bench prompts per category")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(run_one(args.worker, args.batch, args.prompts)), flush=True)
+        print("RESULT " + json.dumps(run_one(args.worker, args.batch, args.prompts, args.per_category)),
+              flush=True)
         return
     from tqdm import tqdm
 
@@ -75,7 +84,8 @@ def main() -> None:
     jobs = [name for _ in range(args.repeats) for name in args.configs]
     for name in tqdm(jobs, desc="engine runs"):
         proc = subprocess.run([sys.executable, __file__, "--worker", name, "--batch", str(args.batch),
-                               "--prompts", str(args.prompts)], capture_output=True, text=True)
+                               "--prompts", str(args.prompts), "--per-category", str(args.per_category)],
+                              capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
             sys.stderr.write(proc.stderr[-3000:])
