@@ -170,17 +170,18 @@ def _room_for(table, used, extra, max_entries):
 
 
 @njit(cache=True)
-def _upsert_pair(pairs, pf, count, meta, s, limit):
-    """Set pair ``pf``'s count to ``count`` (inserting it); False if it is new and the table is full."""
+def _pair_row(pairs, pf, meta, s, limit):
+    """Row of pair ``pf`` in ``pairs``, inserted with count 0 if new; -1 if new and the table is full."""
     pi = _probe(pairs, pf)
-    if pi < 0:
-        if meta[s, META_PAIRS] >= limit:
-            return False
-        pi = -1 - pi
-        pairs[pi, 0] = pf
-        meta[s, META_PAIRS] += 1
-    pairs[pi, 1] = count
-    return True
+    if pi >= 0:
+        return pi
+    if meta[s, META_PAIRS] >= limit:
+        return -1
+    pi = -1 - pi
+    pairs[pi, 0] = pf
+    pairs[pi, 1] = 0
+    meta[s, META_PAIRS] += 1
+    return pi
 
 
 @njit(cache=True)
@@ -204,22 +205,18 @@ def _observe(s, fp, token, keys, pairs, meta, max_entries):
         keys[ki, KEY_TOTAL] += 1
         return
     pair_limit = _entry_limit(pairs.shape[0], max_entries)
-    pf = _pair_fingerprint(fp, token)
-    pi = _probe(pairs, pf)
+    pi = _pair_row(pairs, _pair_fingerprint(fp, token), meta, s, pair_limit)
     if pi < 0:
-        if meta[s, META_PAIRS] >= pair_limit:
-            meta[s, META_DROPPED] += 1
-            return
-        pi = -1 - pi
-        pairs[pi, 0] = pf
-        pairs[pi, 1] = 0
-        meta[s, META_PAIRS] += 1
+        meta[s, META_DROPPED] += 1
+        return
     c = pairs[pi, 1] + 1
     pairs[pi, 1] = c
     keys[ki, KEY_TOTAL] += 1
     top_count = keys[ki, KEY_TOP_COUNT]
     if c >= top_count:  # ties go to the most recent successor: this one. The old top's count moves out.
-        if _upsert_pair(pairs, _pair_fingerprint(fp, top), top_count, meta, s, pair_limit):
+        pj = _pair_row(pairs, _pair_fingerprint(fp, top), meta, s, pair_limit)
+        if pj >= 0:
+            pairs[pj, 1] = top_count
             keys[ki, KEY_TOP] = token
             keys[ki, KEY_TOP_COUNT] = c
         else:  # no cell to keep the old top's count: keep the old top (only in a full, bounded table)
