@@ -10,7 +10,8 @@ Configurations (each run in its own engine process, one after the other, in roun
   async scheduling off for every engine (``vllm/platforms/cpu.py``), so here it is the same engine as
   ``none`` run again: a direct measure of the run-to-run noise;
 * ``anpd-zero``: ANPD with a gate no successor passes (speculative decoding on, no draft ever);
-* ``anpd``: ANPD's defaults;
+* ``anpd``: ANPD's defaults (verify cost measured from the engine's step times);
+* ``anpd-fixed``: ANPD with the verify cost fixed at its configured 0.07 (``anpd_measure_verify_cost: false``);
 * ``ngram``, ``suffix``: vLLM's built-in methods as the engine benchmark runs them (k = 5; ngram with
   prompt_lookup 2..4; suffix needs arctic-inference).
 Spec-Bench first turns (``--per-category``, 5 by default: the engine benchmark's batched set), greedy,
@@ -37,6 +38,7 @@ CONFIGS = {
     "anpd-zero": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_min_count": NEVER,
                    "anpd_cross_min_count": NEVER}, {}),
     "anpd": ({"method": "anpd", "num_speculative_tokens": 5}, {}),
+    "anpd-fixed": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_measure_verify_cost": False}, {}),
     "ngram": ({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2, "prompt_lookup_max": 4}, {}),
     "suffix": ({"method": "suffix", "num_speculative_tokens": 5}, {}),
 }
@@ -60,7 +62,10 @@ def run_one(name: str, batch: int, n_prompts: int, per_category: int) -> dict:
     phase = engine_bench.run_phase(llm, {"method": name, "spec": spec, "max_tokens": 128},
                                    {"prompts": prompts, "batch": batch}, has_drafter=False)
     tokens = sum(len(t) for t in phase["tokens"])
-    return dict(name=name, batch=batch, prompts=n_prompts, per_category=per_category, elapsed=phase["elapsed"],
+    step_cost = None
+    if spec and spec["method"] == "anpd":
+        step_cost = llm.collective_rpc("anpd_stats")[0].get("step_cost")
+    return dict(step_cost=step_cost, name=name, batch=batch, prompts=n_prompts, per_category=per_category, elapsed=phase["elapsed"],
                 tokens=tokens, mat=tokens / sum(phase["steps"]), tok_s=tokens / phase["elapsed"], counters=phase["counters"])
 
 

@@ -285,6 +285,7 @@ def test_core_does_not_import_vllm():
     (dict(min_share="x"), "min_share"),
     (dict(stop_probability=1.0), "stop_probability=1.0"),
     (dict(verify_cost=-0.1), "verify_cost=-0.1"),
+    (dict(measure_verify_cost="yes"), "measure_verify_cost='yes'"),
     (dict(max_entries_per_request=-1), "max_entries_per_request=-1"),
     (dict(n_min=True), "n_min=True"),
 ])
@@ -350,3 +351,69 @@ def test_adaptive_stop_only_shortens_drafts(context, cuts, stop):
         drafts, lens = t.step(row, np.array([n]), np.array([slot], np.int32), np.array([8], np.int32))
         full = oracle.draft(context[:n], params, 8)
         assert drafts[0, :lens[0]].tolist() == full[:lens[0]]
+
+
+# --- batch budget and the measured verify cost ---------------------------------------------------------
+
+def _steps(model, a, b, tokens, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    for t in tokens:
+        model.observe((a + b * t) * (1.0 + noise * rng.standard_normal()), int(t))
+
+
+def test_step_cost_model_recovers_b_over_a_from_noisy_steps():
+    from vllm_anpd.core.budget import StepCostModel
+
+    m = StepCostModel(prior=0.07)
+    rng = np.random.default_rng(1)
+    _steps(m, a=0.060, b=0.0012, tokens=rng.integers(32, 80, 400), noise=0.03)
+    assert m.as_dict()["measured"]
+    assert m.b == pytest.approx(0.0012, rel=0.15) and m.a == pytest.approx(0.060, rel=0.1)
+    # The value used is on the safe side: at least the estimate, at most a little above the truth.
+    assert m.b / m.a <= m.verify_cost <= 1.25 * 0.0012 / 0.060
+
+
+def test_step_cost_model_keeps_the_prior_until_the_fit_is_identifiable():
+    from vllm_anpd.core.budget import MIN_COST_STEPS, StepCostModel
+
+    m = StepCostModel(prior=0.07)
+    _steps(m, a=0.06, b=0.001, tokens=[40, 60] * ((MIN_COST_STEPS - 2) // 2))
+    assert m.verify_cost == 0.07 and not m.as_dict()["measured"]  # too few steps
+    flat = StepCostModel(prior=0.07)
+    _steps(flat, a=0.06, b=0.001, tokens=[32] * 500)  # one token count: the slope is not identifiable
+    assert flat.verify_cost == 0.07
+    free = StepCostModel(prior=0.07)  # verification costs nothing (a GPU at small batch): measured near 0
+    _steps(free, a=0.01, b=0.0, tokens=np.arange(300) % 9 + 1, noise=0.01)
+    assert free.as_dict()["measured"] and free.verify_cost < 0.01
+
+
+def test_step_cost_model_ignores_pauses_and_bad_samples():
+    from vllm_anpd.core.budget import StepCostModel
+
+    m = StepCostModel(prior=0.07)
+    tokens = np.random.default_rng(2).integers(1, 9, 300)
+    _steps(m, a=0.05, b=0.005, tokens=tokens)
+    before = m.verify_cost
+    for t in tokens[:20]:
+        m.observe(30.0, int(t))  # the engine sat idle: not a step's cost
+    m.observe(-1.0, 5)
+    m.observe(0.05, 0)
+    assert m.verify_cost == pytest.approx(before, rel=1e-9)
+    assert m.verify_cost == pytest.approx(0.1, rel=0.05)
+
+
+def test_budget_bound_rises_with_batch_and_verify_cost():
+    from vllm_anpd.core.budget import BatchBudget
+
+    params = _AnpdParams(num_speculative_tokens=8)
+    tables = NgramTables(params, num_slots=2, max_batch=2)
+
+    def bound(batch, cost):
+        return BatchBudget(params).stop_probability(batch, tables, cost)
+
+    assert bound(1, 0.07) == params.stop_probability  # batch 1: the floor
+    assert bound(32, 0.07) > bound(8, 0.07) > params.stop_probability
+    assert bound(32, 0.2) > bound(32, 0.07) > bound(32, 0.01)
+    assert bound(32, 0.0) == params.stop_probability  # measured free verification: draft as at batch 1
+    off = _AnpdParams(num_speculative_tokens=8, verify_cost=0.0)  # 0 configured: the budget is off
+    assert BatchBudget(off).stop_probability(32, tables, 0.5) == off.stop_probability

@@ -105,6 +105,7 @@ def test_anpd_method_routes_to_proposer_with_typed_options():
     ("anpd_stop_probability", 1.5, "anpd_stop_probability=1.5"),
     ("anpd_max_entries_per_request", -5, "anpd_max_entries_per_request=-5"),
     ("anpd_verify_cost", -1.0, "anpd_verify_cost=-1.0"),
+    ("anpd_measure_verify_cost", "sometimes", "anpd_measure_verify_cost"),
     ("anpd_cross_request_entries", -1, "anpd_cross_request_entries=-1"),
     ("anpd_cross_min_count", 0, "anpd_cross_min_count=0"),
     ("num_speculative_tokens", 0, "num_speculative_tokens"),
@@ -232,12 +233,14 @@ def test_resubmitted_id_is_a_new_request():
 
 
 def test_two_proposers_fed_the_same_steps_draft_identically():
-    """What tensor-parallel ranks rely on: no timing, hashing seed or address in the drafts."""
+    """No hashing seed, address or iteration order in the drafts. (The measured verify cost, off here, does
+    bring timing in; vLLM uses one tensor-parallel rank's drafts only, see core/budget.py.)"""
     rng = np.random.default_rng(3)
     streams = [rng.integers(0, 6, 60).tolist() for _ in range(3)]
     outs = []
     for _ in range(2):
-        p, runner = make_proposer(k=5, max_model_len=128, paper=False, stop_probability=0.2)
+        p, runner = make_proposer(k=5, max_model_len=128, paper=False, stop_probability=0.2,
+                                  measure_verify_cost=False)
         runner.requests = {i: object() for i in range(3)}
         runner.input_batch.req_ids = [0, 1, 2]
         batch = Batch(width=128)
@@ -247,6 +250,40 @@ def test_two_proposers_fed_the_same_steps_draft_identically():
         outs.append(seq)
     assert outs[0] == outs[1]
     assert any(any(d) for step in outs[0] for d in step)
+
+
+def test_verify_cost_is_measured_from_decode_steps_only(monkeypatch):
+    """The time between two propose calls is one engine step of (rows + drafts) tokens; steps that prefilled
+    a prompt (a new request, a partial prefill) have unknown cost and are left out."""
+    import vllm_anpd.proposer as proposer_module
+
+    clock = [100.0]
+    monkeypatch.setattr(proposer_module.time, "perf_counter", lambda: clock[0])
+    a, b = 0.050, 0.004  # seconds per step, per token: verify cost 0.08
+    p, runner = make_proposer(k=5, max_model_len=512, max_num_seqs=8, paper=False, verify_cost=0.5)
+    batch = Batch(width=512)
+    rng = np.random.default_rng(5)
+    streams = [np.tile(rng.integers(0, 5, 8), 60).tolist() for _ in range(4)]
+    runner.requests = {i: object() for i in range(4)}
+    for n in range(10, 300):
+        rows = 2 + n % 3  # 2-4 rows, so token counts vary
+        runner.input_batch.req_ids = list(range(rows))
+        clock[0] += a + b * p._step_started_tokens
+        if n % 50 == 0:
+            clock[0] += 5.0  # an idle pause before a step that prefills: must not enter the fit
+            runner.input_batch.req_ids = list(range(rows)) + [100 + n]
+            runner.requests[100 + n] = object()
+            p.propose(*batch([s[:n] for s in streams[:rows]] + [[1, 2, 3]]))
+            del runner.requests[100 + n]
+            continue
+        p.propose(*batch([s[:n] for s in streams[:rows]]))
+    st = p.stats()["step_cost"]
+    assert st["measured"] and st["steps"] > 200
+    assert st["step_seconds"] == pytest.approx(a, rel=1e-6) and st["seconds_per_token"] == pytest.approx(b, rel=1e-6)
+    assert st["verify_cost"] == pytest.approx(b / a, rel=1e-6)
+    assert p.budget.stop_probability(4, p.tables, p.step_cost.verify_cost) == p.budget.last_stop_probability
+    pinned, _ = make_proposer(paper=False, verify_cost=0.5, measure_verify_cost=False)
+    assert pinned.stats()["step_cost"]["verify_cost"] == 0.5
 
 
 def _finish_a_request_that_teaches_the_shared_table(p, runner, batch):

@@ -51,6 +51,7 @@ class AnpdSpeculativeConfig(SpeculativeConfig):
     anpd_min_share: float | list[float] = _default("min_share")
     anpd_stop_probability: float = _default("stop_probability")
     anpd_verify_cost: float = _default("verify_cost")
+    anpd_measure_verify_cost: bool = _default("measure_verify_cost")
     anpd_max_entries_per_request: int = _default("max_entries_per_request")
     anpd_cross_request_entries: int = _default("cross_request_entries")
     anpd_cross_min_count: int = _default("cross_min_count")

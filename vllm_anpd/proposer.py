@@ -23,6 +23,7 @@ import numpy as np
 
 from . import _vllm_compat
 from .core import BatchBudget, NgramTables
+from .core.budget import StepCostModel
 
 # A child of vLLM's logger: vLLM configures the handler and format, in every process.
 logger = logging.getLogger("vllm.anpd")
@@ -79,6 +80,11 @@ class AnpdProposer:
         self._warm_up(self._max_num_seqs)
         self.draft_length_histogram[:] = 0
         self._logged_drafts = 0
+        # Step timing for the measured verify cost (see core/budget.py). The hardware does not change with a
+        # reset, but the fit restarts with it, so a reset engine behaves like a fresh one.
+        self.step_cost = StepCostModel(self.params.verify_cost)
+        self._step_started_tokens = 0  # tokens of the engine step that runs after the last propose (0: unknown)
+        self._step_started_at = 0.0
 
     def load_model(self, *args, **kwargs) -> None:
         """No model: the CPU runner calls this unconditionally."""
@@ -98,12 +104,15 @@ class AnpdProposer:
         st["runner_requests"] = None if live is None else len(live)
         st["draft_length_histogram"] = self.draft_length_histogram.tolist()
         st["stop_probability"] = self.budget.last_stop_probability
+        st["step_cost"] = self.step_cost.as_dict()
         return st
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **_unused):
+        called_at = time.perf_counter()
         self._release_finished()
         batch = len(sampled_token_ids)
         if batch == 0:
+            self._step_started_tokens = 0
             return []
         if batch > self._slots.shape[0]:
             self._slots = np.full(batch, -1, np.int32)
@@ -112,16 +121,27 @@ class AnpdProposer:
         slots = self._slots[:batch]
         max_draft = self._max_draft[:batch]
         num_tokens = np.asarray(num_tokens_no_spec)[:batch]
+        # The step that just ran was a pure decode step (its token count known) unless it prefilled a prompt:
+        # a request seen for the first time, or a partial prefill.
+        decode_only = True
         for i in range(batch):
             if not sampled_token_ids[i]:  # partial prefill or discarded sample: nothing new, no draft
                 slots[i] = -1
+                decode_only = False
                 continue
+            decode_only = decode_only and req_ids[i] in self._slot_of
             slots[i] = self._slot_for(req_ids[i])
             # vLLM crashes on drafts longer than k, and a draft may not cross max_model_len.
             max_draft[i] = max(0, min(self.k, self.max_model_len - int(num_tokens[i]) - 1))
-        stop_probability = self.budget.stop_probability(int((slots >= 0).sum()), self.tables)
+        if self.params.measure_verify_cost and decode_only and self._step_started_tokens:
+            self.step_cost.observe(called_at - self._step_started_at, self._step_started_tokens)
+        stop_probability = self.budget.stop_probability(int((slots >= 0).sum()), self.tables,
+                                                        self.step_cost.verify_cost)
         drafts, lens = self.tables.step(token_ids_cpu, num_tokens, slots, max_draft, stop_probability)
         self.budget.drafted(int(lens.sum()))
+        # The next engine step verifies one token per row plus these drafts.
+        self._step_started_tokens = batch + int(lens.sum())
+        self._step_started_at = time.perf_counter()
         self.draft_length_histogram += np.bincount(lens[slots >= 0], minlength=self.k + 1)[: self.k + 1]
         if self._log_enabled and time.monotonic() >= self._next_log:
             self._log_stats()
@@ -137,11 +157,12 @@ class AnpdProposer:
         levels = ", ".join(f"{k} {v['accepted']}/{v['drafted']}" for k, v in st["per_level"].items() if v["drafted"])
         logger.info("ANPD: %d requests, %.1f MB of tables; %d drafts, mean length %.2f, acceptance %.2f; "
                     "accepted/drafted per level: %s; gate stops %d, probability stops %d; "
-                    "stop probability %.2f",
+                    "stop probability %.2f; verify cost %.3f (%s)",
                     st["tracked_requests"], st["bytes_in_use"] / 2**20, st["drafts"],
                     st["drafted_tokens"] / max(st["drafts"], 1),
                     st["accepted_tokens"] / max(st["drafted_tokens"], 1), levels or "-", st["gate_stops"],
-                    st["probability_stops"], st["stop_probability"])
+                    st["probability_stops"], st["stop_probability"], st["step_cost"]["verify_cost"],
+                    "measured" if st["step_cost"]["measured"] else "configured")
 
     # --- request lifecycle ---------------------------------------------------------------------------
     def _request_ids(self, batch: int) -> list:

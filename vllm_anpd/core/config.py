@@ -49,7 +49,9 @@ class AnpdParams:
     batch, large on a CPU or a compute-bound GPU batch). A draft token with path probability ``P`` raises
     throughput only if ``P > (B + A) / (B + D + 1 / verify_cost)`` for a batch of ``B`` requests expected to
     accept ``A`` of ``D`` draft tokens; the proposer raises the stop probability to that bound each step.
-    ``0`` disables it.
+    ``0`` disables it. With ``measure_verify_cost`` (default) the proposer measures ``b / a`` from the engine's
+    own decode-step times and uses that once it is reliable (after some 64 decode steps); ``verify_cost`` is
+    the value used until then. Without it, ``verify_cost`` is used as given.
 
     Cross-request table: the tokens that requests generate are also counted in one table shared by all
     requests (bounded by ``cross_request_entries`` n-gram entries, cleared and restarted when full); a draft
@@ -64,6 +66,7 @@ class AnpdParams:
     min_share: tuple = 0.0
     stop_probability: float = 0.1
     verify_cost: float = 0.07
+    measure_verify_cost: bool = True
     max_entries_per_request: int = 0  # 0: tables grow with the context (bounded by max_model_len)
     cross_request_entries: int = 262144  # 0: off; else the bound of the table shared across requests
     cross_min_count: int = 2  # the shared table's gate: a successor seen at least this often
@@ -95,6 +98,8 @@ class AnpdParams:
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 <= c <= 1000.0:
             raise ValueError(f"verify_cost={c!r}: must be a number in [0.0, 1000.0]")
         object.__setattr__(self, "verify_cost", float(c))
+        if not isinstance(self.measure_verify_cost, bool):
+            raise ValueError(f"measure_verify_cost={self.measure_verify_cost!r}: must be true or false")
         object.__setattr__(self, "min_count", min_count)
         object.__setattr__(self, "min_share", min_share)
         object.__setattr__(self, "stop_probability", float(p))
