@@ -354,15 +354,17 @@ def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cros
     # key that matched one token earlier: the levels above cannot match and are not probed. (Not for the
     # cross-request table, which holds generated tokens only, without the prompt tokens before them.)
     own_longest = n_max - 1
+    own = keys[s]  # fetched once: a typed-list lookup costs ~50 ns, more than a cached table probe
+    cross = keys[g] if g >= 0 else own
     for j in range(k):
         longest = min(blen, n_max - 1)
         key_fingerprints(buf, blen, longest, fps)
-        level, top, top_count, total, own_match = _lookup(keys[s], fps, min(longest, own_longest),
+        level, top, top_count, total, own_match = _lookup(own, fps, min(longest, own_longest),
                                                           n_min, n_max, min_count, min_share, sink)
         matched = own_match >= 0
         own_longest = max(n_min + own_match, n_min - 1)
         if level < 0 and g >= 0:
-            lv, top, top_count, total, cross_match = _lookup(keys[g], fps, longest, n_min, n_max,
+            lv, top, top_count, total, cross_match = _lookup(cross, fps, longest, n_min, n_max,
                                                              cross_min_count, min_share, sink)
             matched = matched or cross_match >= 0
             if lv >= 0:
