@@ -254,7 +254,7 @@ def test_two_proposers_fed_the_same_steps_draft_identically():
 
 def test_verify_cost_is_measured_from_decode_steps_only(monkeypatch):
     """The time between two propose calls is one engine step of (rows + drafts) tokens; steps that prefilled
-    a prompt (a new request, a partial prefill) have unknown cost and are left out."""
+    (a new request, a partial prefill, a request resumed after preemption) have unknown cost and are left out."""
     import vllm_anpd.proposer as proposer_module
 
     clock = [100.0]
@@ -263,10 +263,10 @@ def test_verify_cost_is_measured_from_decode_steps_only(monkeypatch):
     p, runner = make_proposer(k=5, max_model_len=512, max_num_seqs=8, paper=False, verify_cost=0.5)
     batch = Batch(width=512)
     rng = np.random.default_rng(5)
-    streams = [np.tile(rng.integers(0, 5, 8), 60).tolist() for _ in range(4)]
+    streams = [rng.integers(0, 3, 400).tolist() for _ in range(4)]  # tiny vocabulary: drafts of 0-5 tokens
     runner.requests = {i: object() for i in range(4)}
+    rows = 4
     for n in range(10, 300):
-        rows = 2 + n % 3  # 2-4 rows, so token counts vary
         runner.input_batch.req_ids = list(range(rows))
         clock[0] += a + b * p._step_started_tokens
         if n % 50 == 0:
@@ -277,6 +277,13 @@ def test_verify_cost_is_measured_from_decode_steps_only(monkeypatch):
             del runner.requests[100 + n]
             continue
         p.propose(*batch([s[:n] for s in streams[:rows]]))
+        if n % 50 == 25:  # request 0 is preempted for a step, then resumes (recomputing its context)
+            runner.input_batch.req_ids = list(range(1, rows))
+            clock[0] += a + b * p._step_started_tokens
+            p.propose(*batch([s[:n] for s in streams[1:rows]]))
+            runner.input_batch.req_ids = list(range(rows))
+            clock[0] += 3.0 * (a + b * p._step_started_tokens)  # the resumed step's recompute: no decode step
+            p.propose(*batch([s[:n] for s in streams[:rows]]))
     st = p.stats()["step_cost"]
     assert st["measured"] and st["steps"] > 200
     assert st["step_seconds"] == pytest.approx(a, rel=1e-6) and st["seconds_per_token"] == pytest.approx(b, rel=1e-6)

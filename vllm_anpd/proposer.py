@@ -84,6 +84,7 @@ class AnpdProposer:
         # reset, but the fit restarts with it, so a reset engine behaves like a fresh one.
         self.step_cost = StepCostModel(self.params.verify_cost)
         self._step_started_tokens = 0  # tokens of the engine step that runs after the last propose (0: unknown)
+        self._decoding: set = set()  # requests that were decoding at the last propose
         self._step_started_at = 0.0
 
     def load_model(self, *args, **kwargs) -> None:
@@ -121,18 +122,22 @@ class AnpdProposer:
         slots = self._slots[:batch]
         max_draft = self._max_draft[:batch]
         num_tokens = np.asarray(num_tokens_no_spec)[:batch]
-        # The step that just ran was a pure decode step (its token count known) unless it prefilled a prompt:
-        # a request seen for the first time, or a partial prefill.
+        # The step that just ran was a pure decode step (its token count known) unless it prefilled: a partial
+        # prefill, or a request that was not decoding at the previous step (new, or resumed after preemption,
+        # which recomputes its context).
         decode_only = True
+        decoding = set()
         for i in range(batch):
             if not sampled_token_ids[i]:  # partial prefill or discarded sample: nothing new, no draft
                 slots[i] = -1
                 decode_only = False
                 continue
-            decode_only = decode_only and req_ids[i] in self._slot_of
+            decode_only = decode_only and req_ids[i] in self._decoding
+            decoding.add(req_ids[i])
             slots[i] = self._slot_for(req_ids[i])
             # vLLM crashes on drafts longer than k, and a draft may not cross max_model_len.
             max_draft[i] = max(0, min(self.k, self.max_model_len - int(num_tokens[i]) - 1))
+        self._decoding = decoding
         if self.params.measure_verify_cost and decode_only and self._step_started_tokens:
             self.step_cost.observe(called_at - self._step_started_at, self._step_started_tokens)
         stop_probability = self.budget.stop_probability(int((slots >= 0).sum()), self.tables,
