@@ -61,9 +61,17 @@ class AnpdDrafter:
         self.params = params
         self.tables = NgramTables(params, num_slots=num_requests, max_batch=num_requests)
         self.slot_ids = np.array([self.tables.acquire() for _ in range(num_requests)], np.int32)
+        self.live = np.zeros(num_requests, bool)
         self.budget = BatchBudget(params)
 
+    def release_finished(self, active):
+        """Release the slots of requests that finished since the last call, as the vLLM proposer does."""
+        for i in np.flatnonzero(self.live & ~active):
+            self.tables.release(int(self.slot_ids[i]))
+        self.live = active.copy()
+
     def propose(self, tokens, num_tokens, active, k):
+        self.release_finished(active)
         slots = np.where(active, self.slot_ids, -1).astype(np.int32)
         stop = self.budget.stop_probability(int(active.sum()), self.tables)
         drafts, lens = self.tables.step(tokens, num_tokens, slots, np.full(len(slots), k, np.int32), stop)
@@ -86,6 +94,7 @@ class GrowShrinkDrafter(AnpdDrafter):
         self.prev = {}  # request -> (num_tokens, draft)
 
     def propose(self, tokens, num_tokens, active, k):
+        self.release_finished(active)
         for i in np.flatnonzero(active):
             if i in self.prev:
                 n0, draft = self.prev[i]

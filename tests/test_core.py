@@ -320,6 +320,33 @@ def test_cross_request_table_drafts_from_earlier_outputs():
     assert run_single(t, c, [60, 61, 50], 3) == []  # prompts (50 -> 51) are not shared
 
 
+
+def test_cross_request_candidate_wins_only_with_the_better_acceptance_record():
+    """When the request's own tables and the shared table both know a successor, the one whose (level, count,
+    share) cell has accepted more often is drafted; with equal records, the request's own."""
+    from vllm_anpd.core import kernels
+
+    p = AnpdParams(num_speculative_tokens=1, n_min=2, n_max=3, cross_request_entries=1000, cross_min_count=2)
+    t = make_tables(p)
+    a = t.acquire()
+    out = [7, 8, 7, 8, 7, 8]
+    run_single(t, a, [1], 0)
+    for i in range(1, len(out) + 1):
+        run_single(t, a, [1] + out[:i], 0)
+    t.release(a)  # the shared table now has 7 -> 8 three times
+    own_cell = kernels._cell(0, 1, 1)  # n=2, "7" -> 9 seen once in the request itself
+    cross_cell = kernels._cell(p.num_levels + 0, 3, 3)  # n=2 in the shared table, 7 -> 8 three times
+    assert own_cell != cross_cell
+    b = t.acquire()
+    assert run_single(t, b, [7, 9, 5, 7], 1) == [9]  # fresh statistics: equal estimates, own wins
+    t.cell_stats[own_cell] = [100, 0]  # the request's single-occurrence keys have stopped being accepted
+    c = t.acquire()
+    assert run_single(t, c, [7, 9, 5, 7], 1) == [8]
+    t.cell_stats[cross_cell] = [100, 0]  # and now the shared table's are worse still
+    t.cell_stats[own_cell] = [100, 10]
+    d = t.acquire()
+    assert run_single(t, d, [7, 9, 5, 7], 1) == [9]
+
 def test_cross_request_table_is_bounded():
     p = AnpdParams(num_speculative_tokens=3, cross_request_entries=200)
     t = make_tables(p)
