@@ -12,6 +12,7 @@ Configurations (each run in its own engine process, one after the other, in roun
 * ``anpd-zero``: ANPD with a gate no successor passes (speculative decoding on, no draft ever);
 * ``anpd``: ANPD's defaults (verify cost measured from the engine's step times);
 * ``anpd-fixed``: ANPD with the verify cost fixed at its configured 0.07 (``anpd_measure_verify_cost: false``);
+* ``anpd-stop0.05``, ``anpd-stop0.1``: ANPD with that stop probability (the default's candidates);
 * ``ngram``, ``suffix``: vLLM's built-in methods as the engine benchmark runs them (k = 5; ngram with
   prompt_lookup 2..4; suffix needs arctic-inference).
 Spec-Bench first turns (``--per-category``, 5 by default: the engine benchmark's batched set), greedy,
@@ -39,6 +40,8 @@ CONFIGS = {
                    "anpd_cross_min_count": NEVER}, {}),
     "anpd": ({"method": "anpd", "num_speculative_tokens": 5}, {}),
     "anpd-fixed": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_measure_verify_cost": False}, {}),
+    "anpd-stop0.05": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_stop_probability": 0.05}, {}),
+    "anpd-stop0.1": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_stop_probability": 0.1}, {}),
     "ngram": ({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2, "prompt_lookup_max": 4}, {}),
     "suffix": ({"method": "suffix", "num_speculative_tokens": 5}, {}),
 }

@@ -438,7 +438,9 @@ def test_budget_bound_rises_with_batch_and_verify_cost():
     def bound(batch, cost):
         return BatchBudget(params).stop_probability(batch, tables, cost)
 
-    assert bound(1, 0.07) == params.stop_probability  # batch 1: the floor
+    # batch 1, nothing drafted or accepted yet: the break-even bound 1 / (1 + 1 / cost), or the floor if higher
+    assert bound(1, 0.07) == pytest.approx(max(params.stop_probability, 1 / (1 + 1 / 0.07)))
+    assert bound(1, 0.01) == params.stop_probability
     assert bound(32, 0.07) > bound(8, 0.07) > params.stop_probability
     assert bound(32, 0.2) > bound(32, 0.07) > bound(32, 0.01)
     assert bound(32, 0.0) == params.stop_probability  # measured free verification: draft as at batch 1

@@ -54,9 +54,10 @@ class AnpdParams:
     the value used until then. Without it, ``verify_cost`` is used as given.
 
     Cross-request table: the tokens that requests generate are also counted in one table shared by all
-    requests (bounded by ``cross_request_entries`` n-gram entries, cleared and restarted when full); a draft
-    token comes from it only when none of the request's own levels passes the gate, and only if its top
-    successor was seen ``cross_min_count`` times. Helps repeated templates, answers and code across requests.
+    requests (bounded by ``cross_request_entries`` n-gram entries, cleared and restarted when full). A draft
+    token comes from it when none of the request's own levels passes the gate, or when only the lowest ones
+    do and its candidate has the better learned acceptance estimate; always only if that successor was seen
+    ``cross_min_count`` times. Helps repeated templates, answers and code across requests.
     """
 
     num_speculative_tokens: int = 8
@@ -64,7 +65,7 @@ class AnpdParams:
     n_max: int = 7
     min_count: tuple = 1
     min_share: tuple = 0.0
-    stop_probability: float = 0.1
+    stop_probability: float = 0.05
     verify_cost: float = 0.07
     measure_verify_cost: bool = True
     max_entries_per_request: int = 0  # 0: tables grow with the context (bounded by max_model_len)
