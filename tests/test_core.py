@@ -320,7 +320,6 @@ def test_cross_request_table_drafts_from_earlier_outputs():
     assert run_single(t, c, [60, 61, 50], 3) == []  # prompts (50 -> 51) are not shared
 
 
-
 def test_cross_request_candidate_wins_only_with_the_better_acceptance_record():
     """When the request's own tables and the shared table both know a successor, the one whose (level, count,
     share) cell has accepted more often is drafted; with equal records, the request's own."""
@@ -346,6 +345,7 @@ def test_cross_request_candidate_wins_only_with_the_better_acceptance_record():
     t.cell_stats[own_cell] = [100, 10]
     d = t.acquire()
     assert run_single(t, d, [7, 9, 5, 7], 1) == [9]
+
 
 def test_cross_request_table_is_bounded():
     p = AnpdParams(num_speculative_tokens=3, cross_request_entries=200)

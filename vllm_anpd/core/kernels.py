@@ -58,8 +58,8 @@ PRIOR_ACCEPTED = 3.0
 PRIOR_REACHED = 4.0
 
 # The shared table's candidate competes with the request's own only against its lowest levels (keys of 1-2
-# tokens at the default n_min = 2): asking it against longer own keys too changes no batch-1 replay figure
-# (MAT 2.219 / 2.340 at k = 5 / 8 either way) and costs ~4 % of a 16k x 64 step in lookups.
+# tokens at the default n_min = 2): asking it against longer own keys too changed no batch-1 replay figure
+# (MAT 2.219 / 2.340 at k = 5 / 8 either way, stop probability 0.1) and cost ~4 % of a 16k x 64 step.
 CROSS_COMPETES_BELOW = 2
 
 # Per-request calibration is an exponential average over recent verified draft tokens.
