@@ -371,18 +371,19 @@ def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cros
                                                           n_min, n_max, min_count, min_share, sink)
         matched = own_match >= 0
         own_longest = max(n_min + own_match, n_min - 1)
+        cell = _cell(level, top_count, total) if level >= 0 else -1
         if g >= 0 and level < CROSS_COMPETES_BELOW:
             lv, c_top, c_count, c_total, cross_match = _lookup(cross, fps, longest, n_min, n_max,
                                                                cross_min_count, min_share, sink)
             matched = matched or cross_match >= 0
-            if lv >= 0 and (level < 0 or _cell_probability(cell_stats, _cell(num_levels + lv, c_count, c_total))
-                            > _cell_probability(cell_stats, _cell(level, top_count, total))):
-                level, top, top_count, total = num_levels + lv, c_top, c_count, c_total
+            if lv >= 0:
+                c_cell = _cell(num_levels + lv, c_count, c_total)
+                if cell < 0 or _cell_probability(cell_stats, c_cell) > _cell_probability(cell_stats, cell):
+                    level, top, cell = num_levels + lv, c_top, c_cell
         if level < 0:
             if matched:
                 meta[s, META_GATE_STOPS] += 1
             break
-        cell = _cell(level, top_count, total)
         path_p *= min(_cell_probability(cell_stats, cell) * ratio, 0.99)
         if path_p < stop_probability:
             meta[s, META_PROB_STOPS] += 1
