@@ -253,8 +253,11 @@ def test_two_proposers_fed_the_same_steps_draft_identically():
 
 
 def test_verify_cost_is_measured_from_decode_steps_only(monkeypatch):
-    """The time between two propose calls is one engine step of (rows + drafts) tokens; steps that prefilled
-    (a new request, a partial prefill, a request resumed after preemption) have unknown cost and are left out."""
+    """The time between two propose calls is one engine step: one token per request vLLM ran in it plus that
+    request's draft. Requests that finished or were preempted at the previous step got a draft but were not
+    run, so they do not count; steps that prefilled (a new request, a partial prefill, a request resumed
+    after preemption) have unknown cost and are left out. The simulated engine below times each step by what
+    it really ran, so any miscount moves the fitted line."""
     import vllm_anpd.proposer as proposer_module
 
     clock = [100.0]
@@ -263,27 +266,40 @@ def test_verify_cost_is_measured_from_decode_steps_only(monkeypatch):
     p, runner = make_proposer(k=5, max_model_len=512, max_num_seqs=8, paper=False, verify_cost=0.5)
     batch = Batch(width=512)
     rng = np.random.default_rng(5)
-    streams = [rng.integers(0, 3, 400).tolist() for _ in range(4)]  # tiny vocabulary: drafts of 0-5 tokens
+    streams = {i: rng.integers(0, 3, 400).tolist() for i in range(4)}  # tiny vocabulary: drafts of 0-5 tokens
     runner.requests = {i: object() for i in range(4)}
-    rows = 4
-    for n in range(10, 300):
-        runner.input_batch.req_ids = list(range(rows))
-        clock[0] += a + b * p._step_started_tokens
+    drafts = {}  # request id -> its draft from the last propose
+
+    def step(ids, n, extra_prompt=None, cost_factor=1.0):
+        """Run the engine step for requests ``ids`` (each verifies its last draft), then propose."""
+        clock[0] += cost_factor * (a + b * sum(1 + len(drafts.get(i, [])) for i in ids))
+        rows = list(ids) + ([] if extra_prompt is None else [extra_prompt[0]])
+        runner.input_batch.req_ids = rows
+        contexts = [streams[i][:n] for i in ids] + ([] if extra_prompt is None else [extra_prompt[1]])
+        drafts.clear()
+        drafts.update(zip(rows, p.propose(*batch(contexts))))
+
+    step(range(4), 10, cost_factor=0.0)
+    for n in range(11, 300):
         if n % 50 == 0:
-            clock[0] += 5.0  # an idle pause before a step that prefills: must not enter the fit
-            runner.input_batch.req_ids = list(range(rows)) + [100 + n]
+            clock[0] += 5.0  # an idle pause before a step that prefills a new request: must not enter the fit
             runner.requests[100 + n] = object()
-            p.propose(*batch([s[:n] for s in streams[:rows]] + [[1, 2, 3]]))
+            step(range(4), n, extra_prompt=(100 + n, [1, 2, 3]))
             del runner.requests[100 + n]
             continue
-        p.propose(*batch([s[:n] for s in streams[:rows]]))
+        if n % 50 == 20:  # a request finishes: drafted for at this step, not run at the next
+            runner.requests[200 + n] = object()
+            streams[200 + n] = rng.integers(0, 3, 400).tolist()
+            step(range(4), n, extra_prompt=(200 + n, streams[200 + n][:n]), cost_factor=3.0)  # its prefill
+            for m in range(n + 1, n + 4):
+                step(list(range(4)) + [200 + n], m)
+            del runner.requests[200 + n]
+            step(range(4), n + 4)
+            continue
+        step(range(4), n)
         if n % 50 == 25:  # request 0 is preempted for a step, then resumes (recomputing its context)
-            runner.input_batch.req_ids = list(range(1, rows))
-            clock[0] += a + b * p._step_started_tokens
-            p.propose(*batch([s[:n] for s in streams[1:rows]]))
-            runner.input_batch.req_ids = list(range(rows))
-            clock[0] += 3.0 * (a + b * p._step_started_tokens)  # the resumed step's recompute: no decode step
-            p.propose(*batch([s[:n] for s in streams[:rows]]))
+            step(range(1, 4), n)
+            step(range(4), n, cost_factor=3.0)  # the resumed step's recompute: no decode step
     st = p.stats()["step_cost"]
     assert st["measured"] and st["steps"] > 200
     assert st["step_seconds"] == pytest.approx(a, rel=1e-6) and st["seconds_per_token"] == pytest.approx(b, rel=1e-6)

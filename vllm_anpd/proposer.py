@@ -83,8 +83,10 @@ class AnpdProposer:
         # Step timing for the measured verify cost (see core/budget.py). The hardware does not change with a
         # reset, but the fit restarts with it, so a reset engine behaves like a fresh one.
         self.step_cost = StepCostModel(self.params.verify_cost)
-        self._step_started_tokens = 0  # tokens of the engine step that runs after the last propose (0: unknown)
-        self._decoding: set = set()  # requests that were decoding at the last propose
+        # Per request decoding at the last propose: the tokens it adds to the engine step that follows (its
+        # row + its draft). The step's size is summed at the next propose over the requests still there: one
+        # that finished (or was preempted) at the last step got a draft, but the step did not run it.
+        self._next_step_tokens: dict = {}
         self._step_started_at = 0.0
 
     def load_model(self, *args, **kwargs) -> None:
@@ -113,7 +115,7 @@ class AnpdProposer:
         self._release_finished()
         batch = len(sampled_token_ids)
         if batch == 0:
-            self._step_started_tokens = 0
+            self._next_step_tokens = {}
             return []
         if batch > self._slots.shape[0]:
             self._slots = np.full(batch, -1, np.int32)
@@ -126,26 +128,28 @@ class AnpdProposer:
         # prefill, or a request that was not decoding at the previous step (new, or resumed after preemption,
         # which recomputes its context).
         decode_only = True
-        decoding = set()
+        step_tokens = 0
         for i in range(batch):
             if not sampled_token_ids[i]:  # partial prefill or discarded sample: nothing new, no draft
                 slots[i] = -1
                 decode_only = False
                 continue
-            decode_only = decode_only and req_ids[i] in self._decoding
-            decoding.add(req_ids[i])
+            tokens = self._next_step_tokens.get(req_ids[i])
+            if tokens is None:
+                decode_only = False
+            else:
+                step_tokens += tokens
             slots[i] = self._slot_for(req_ids[i])
             # vLLM crashes on drafts longer than k, and a draft may not cross max_model_len.
             max_draft[i] = max(0, min(self.k, self.max_model_len - int(num_tokens[i]) - 1))
-        self._decoding = decoding
-        if self.params.measure_verify_cost and decode_only and self._step_started_tokens:
-            self.step_cost.observe(called_at - self._step_started_at, self._step_started_tokens)
+        if self.params.measure_verify_cost and decode_only and step_tokens:
+            self.step_cost.observe(called_at - self._step_started_at, step_tokens)
         stop_probability = self.budget.stop_probability(int((slots >= 0).sum()), self.tables,
                                                         self.step_cost.verify_cost)
         drafts, lens = self.tables.step(token_ids_cpu, num_tokens, slots, max_draft, stop_probability)
         self.budget.drafted(int(lens.sum()))
-        # The next engine step verifies one token per row plus these drafts.
-        self._step_started_tokens = batch + int(lens.sum())
+        # The next engine step verifies one token per row plus its draft (for the rows vLLM schedules again).
+        self._next_step_tokens = {req_ids[i]: 1 + int(lens[i]) for i in range(batch) if slots[i] >= 0}
         self._step_started_at = time.perf_counter()
         self.draft_length_histogram += np.bincount(lens[slots >= 0], minlength=self.k + 1)[: self.k + 1]
         if self._log_enabled and time.monotonic() >= self._next_log:
