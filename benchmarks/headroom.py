@@ -1,0 +1,139 @@
+"""Selection headroom: how much MAT would a perfect chooser get from the candidates the n-gram tables hold?
+
+    python benchmarks/headroom.py [--k 8] [--limit 480]
+
+ANPD drafts, at each position, the top successor of the highest level whose key matches (the shared table's
+when the request's own tables have nothing). This replays the 480 Spec-Bench references (as replay.py does,
+batch 1, fixed k, no stop rule) with the same tables and four choosers:
+
+* ``highest``: that rule (the shared table needs a count of 2), i.e. ANPD without its stop probability;
+* ``oracle-top2``: the true next token whenever it is one of the highest own level's two most frequent
+  successors (what keeping a second candidate per key could at best add);
+* ``oracle-tops``: the true next token whenever it is the top successor of *any* matching level of either
+  table (the ceiling of any rule that chooses among levels and tables);
+* ``oracle-any``: the true next token whenever any matching key of either table was ever followed by it.
+
+The oracles peek at the reference, so they are ceilings, not drafters; they say where better choosing could
+pay and where only more knowledge (a model) could. Pure Python dictionaries, ~10 s per chooser. Writes
+``benchmarks/results/headroom.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from replay import load_references  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+N_MIN, N_MAX = 2, 7  # ANPD's default levels
+CROSS_MIN_COUNT = 2  # ANPD's default gate of the shared table
+CHOOSERS = ("highest", "oracle-top2", "oracle-tops", "oracle-any")
+
+
+class Table:
+    """Key (tuple of 1..N_MAX-1 tokens) -> successor counts, and the top successor with ANPD's rule
+    (highest count, ties to the most recent)."""
+
+    def __init__(self):
+        self.counts: dict[tuple, dict[int, int]] = {}
+        self.top: dict[tuple, int] = {}
+
+    def observe(self, context: list, i: int) -> None:
+        token = context[i]
+        for m in range(N_MIN - 1, min(N_MAX - 1, i) + 1):
+            key = tuple(context[i - m:i])
+            successors = self.counts.setdefault(key, {})
+            c = successors.get(token, 0) + 1
+            successors[token] = c
+            if key not in self.top or c >= successors[self.top[key]]:
+                self.top[key] = token
+
+    def matches(self, chain: list, min_count: int = 1):
+        """(key, successors, top) of every matching key, highest level first."""
+        for m in range(min(N_MAX - 1, len(chain)), N_MIN - 2, -1):
+            key = tuple(chain[len(chain) - m:])
+            successors = self.counts.get(key)
+            if successors and successors[self.top[key]] >= min_count:
+                yield key, successors, self.top[key]
+
+
+def choose(chooser: str, own: Table, shared: Table, chain: list, truth: int):
+    own_matches = list(own.matches(chain))
+    shared_matches = list(shared.matches(chain, CROSS_MIN_COUNT))
+    if chooser == "oracle-top2" and own_matches:
+        successors = own_matches[0][1]
+        if truth in sorted(successors, key=successors.get, reverse=True)[:2]:
+            return truth
+    elif chooser == "oracle-tops":
+        if any(top == truth for _, _, top in own_matches + shared_matches):
+            return truth
+    elif chooser == "oracle-any":
+        if any(truth in successors for _, successors, _ in own_matches + shared_matches):
+            return truth
+    best = own_matches or shared_matches
+    return best[0][2] if best else None
+
+
+def replay(chooser: str, references: list, k: int) -> dict:
+    shared = Table()
+    outputs = steps = drafted = 0
+    for ref in tqdm(references, desc=chooser, leave=False):
+        context = list(ref["prompt_ids"])
+        output = ref["output_ids"]
+        own = Table()
+        for i in range(len(context)):
+            own.observe(context, i)
+        done = 0
+        step_count = 0
+        while done < len(output):
+            draft = []
+            if done:  # the prefill step yields the first token without a draft
+                chain = list(context[-(N_MAX - 1):])
+                for j in range(min(k, len(output) - done)):
+                    token = choose(chooser, own, shared, chain, output[done + j])
+                    if token is None:
+                        break
+                    draft.append(token)
+                    chain.append(token)
+            accepted = 0
+            while accepted < len(draft) and draft[accepted] == output[done + accepted]:
+                accepted += 1
+            for token in output[done:done + accepted + 1]:
+                context.append(token)
+                own.observe(context, len(context) - 1)
+                if len(context) - 1 > len(ref["prompt_ids"]):  # generated tokens only, as ANPD's shared table
+                    shared.observe(context, len(context) - 1)
+            done += accepted + 1
+            drafted += len(draft)
+            step_count += 1
+        outputs += len(output)
+        steps += step_count
+    return {"chooser": chooser, "k": k, "mat": outputs / steps, "drafted_per_step": drafted / steps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--limit", type=int, default=0, help="first N references only (0: all)")
+    args = ap.parse_args()
+    references = load_references()
+    if args.limit:
+        references = references[:args.limit]
+    rows = [replay(chooser, references, args.k) for chooser in CHOOSERS]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "headroom.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))
+    base = rows[0]["mat"]
+    print(f"| chooser (k = {args.k}, {len(references)} prompts) | MAT | vs highest | drafted/step |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['chooser']} | {r['mat']:.3f} | {r['mat'] / base:.3f}x | {r['drafted_per_step']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
