@@ -15,7 +15,7 @@ batch 1, fixed k, no stop rule) with the same tables and four choosers:
 
 The oracles peek at the reference, so they are ceilings, not drafters; they say where better choosing could
 pay and where only more knowledge (a model) could. Pure Python dictionaries, ~10 s per chooser. Writes
-``benchmarks/results/headroom.json``.
+``benchmarks/results/headroom.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -129,11 +129,33 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "headroom.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))
     base = rows[0]["mat"]
-    print(f"| chooser (k = {args.k}, {len(references)} prompts) | MAT | vs highest | drafted/step |")
-    print("|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['chooser']} | {r['mat']:.3f} | {r['mat'] / base:.3f}x | {r['drafted_per_step']:.2f} |")
+    lines = [f"| chooser (k = {args.k}, {len(references)} prompts) | MAT | vs highest | drafted/step |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {r['chooser']} | {r['mat']:.3f} | {r['mat'] / base:.3f}x | {r['drafted_per_step']:.2f} |"
+              for r in rows]
+    table = "\n".join(lines) + "\n"
+    (RESULTS / "headroom.md").write_text(table)
+    print(table, end="")
+    plot(rows, args.k, len(references), RESULTS / "headroom.png")
 
+
+def plot(rows: list, k: int, n_prompts: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    names = [r["chooser"] for r in rows]
+    values = [r["mat"] for r in rows]
+    bars = ax.bar(names, values, color=["tab:blue"] + ["tab:gray"] * (len(rows) - 1))
+    ax.bar_label(bars, fmt="%.3f")
+    ax.set_ylabel("mean accepted tokens per step (MAT)")
+    ax.set_xlabel("chooser (oracles peek at the reference: ceilings, not drafters)")
+    ax.set_title(f"Selection headroom, Spec-Bench replay, batch 1, k = {k}, {n_prompts} prompts")
+    ax.set_ylim(1.0, max(values) * 1.1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 if __name__ == "__main__":
     main()
