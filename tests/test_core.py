@@ -347,6 +347,32 @@ def test_cross_request_candidate_wins_only_with_the_better_acceptance_record():
     assert run_single(t, d, [7, 9, 5, 7], 1) == [9]
 
 
+def test_a_request_that_stopped_drafting_gets_another_chance():
+    """The per-request calibration scales the learned acceptance estimates by how this request's recent drafts
+    fared. Rejections can push it under the stop probability; steps without a draft then forget towards
+    neutral, so the request drafts again (before, it could never recover: no draft, no new evidence)."""
+    from vllm_anpd.core import kernels
+
+    p = AnpdParams(num_speculative_tokens=1, n_min=2, n_max=2, stop_probability=0.5)
+    t = make_tables(p)
+    s = t.acquire()
+    cell = kernels._cell(0, 1, 1)  # the successor of a token seen once in the prompt: every draft below
+
+    def step(ctx):
+        t.cell_stats[cell] = [1000, 900]  # the workload's estimate for that cell: 0.9, above the stop
+        return run_single(t, s, ctx, 1)
+
+    ctx = list(range(1, 200)) + [10]
+    assert step(ctx) == [11]
+    drafts = []
+    for _ in range(30):  # the model keeps saying t + 2 where the prompt said t + 1: drafts are rejected
+        ctx = ctx + [ctx[-1] + 2]
+        drafts.append((ctx[-1], step(ctx)))
+    assert [d for _, d in drafts[:3]] == [[], [], []]  # 0.9 x this request's ratio (0.53) < 0.5: stopped
+    resumed = [(last, d) for last, d in drafts[3:] if d]
+    assert resumed and all(d == [last + 1] for last, d in resumed)  # and it drafts again, from the prompt
+
+
 def test_cross_request_table_is_bounded():
     p = AnpdParams(num_speculative_tokens=3, cross_request_entries=200)
     t = make_tables(p)
