@@ -3,8 +3,8 @@
     python benchmarks/headroom.py [--k 8] [--limit 480]
 
 ANPD drafts, at each position, the top successor of the highest level whose key matches (the shared table's
-when the request's own tables have nothing). This replays the 480 Spec-Bench references (as replay.py does,
-batch 1, fixed k, no stop rule) with the same tables and four choosers:
+when the request's own tables have nothing). This replays the 480 Spec-Bench references through replay.py's
+verification loop (batch 1, fixed k, no stop rule) with the same tables and four choosers:
 
 * ``highest``: that rule (the shared table needs a count of 2), i.e. ANPD without its stop probability;
 * ``oracle-top2``: the true next token whenever it is one of the highest own level's two most frequent
@@ -25,10 +25,11 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from replay import load_references  # noqa: E402
+from replay import Corpus, load_references, replay  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N_MIN, N_MAX = 2, 7  # ANPD's default levels
@@ -63,58 +64,66 @@ class Table:
                 yield key, successors, self.top[key]
 
 
-def choose(chooser: str, own: Table, shared: Table, chain: list, truth: int):
-    own_matches = list(own.matches(chain))
-    shared_matches = list(shared.matches(chain, CROSS_MIN_COUNT))
-    if chooser == "oracle-top2" and own_matches:
-        successors = own_matches[0][1]
-        if truth in sorted(successors, key=successors.get, reverse=True)[:2]:
-            return truth
-    elif chooser == "oracle-tops":
-        if any(top == truth for _, _, top in own_matches + shared_matches):
-            return truth
-    elif chooser == "oracle-any":
-        if any(truth in successors for _, successors, _ in own_matches + shared_matches):
-            return truth
-    best = own_matches or shared_matches
-    return best[0][2] if best else None
+class ChooserDrafter:
+    """A drafter for ``replay.replay`` that keeps ANPD's tables in dictionaries and drafts with ``chooser``;
+    the oracles read the reference continuation from the corpus."""
+
+    def __init__(self, chooser: str, corpus):
+        self.name, self.corpus = chooser, corpus
+        self.shared = Table()
+        self.own: dict[int, Table] = {}
+        self.contexts: dict[int, list] = {}  # tokens folded into the request's own table so far
+
+    def propose(self, tokens, num_tokens, active, k):
+        drafts = np.zeros((len(active), k), np.int32)
+        lens = np.zeros(len(active), np.int32)
+        for i in [i for i in self.own if not active[i]]:  # finished: release, as the proposer does
+            del self.own[i], self.contexts[i]
+        for i in np.flatnonzero(active):
+            n = int(num_tokens[i])
+            new_request = i not in self.own
+            own = self.own.setdefault(i, Table())
+            context = self.contexts.setdefault(i, [])
+            first = len(context)
+            context.extend(tokens[i, first:n].tolist())
+            for pos in range(first, n):
+                own.observe(context, pos)
+                if not new_request:  # generated tokens only (not the prompt's), as ANPD's shared table
+                    self.shared.observe(context, pos)
+            end = int(self.corpus.prompt_len[i] + self.corpus.out_len[i])
+            chain = context[-(N_MAX - 1):]
+            for j in range(k):
+                truth = int(tokens[i, n + j]) if n + j < end else -1
+                token = self.choose(own, chain, truth)
+                if token is None:
+                    break
+                drafts[i, j] = token
+                lens[i] += 1
+                chain.append(token)
+        return drafts, lens
+
+    def choose(self, own: Table, chain: list, truth: int):
+        own_matches = list(own.matches(chain))
+        shared_matches = list(self.shared.matches(chain, CROSS_MIN_COUNT))
+        if self.name == "oracle-top2" and own_matches:
+            successors = own_matches[0][1]
+            if truth in sorted(successors, key=successors.get, reverse=True)[:2]:
+                return truth
+        elif self.name == "oracle-tops":
+            if any(top == truth for _, _, top in own_matches + shared_matches):
+                return truth
+        elif self.name == "oracle-any":
+            if any(truth in successors for _, successors, _ in own_matches + shared_matches):
+                return truth
+        best = own_matches or shared_matches
+        return best[0][2] if best else None
 
 
-def replay(chooser: str, references: list, k: int) -> dict:
-    shared = Table()
-    outputs = steps = drafted = 0
-    for ref in tqdm(references, desc=chooser, leave=False):
-        context = list(ref["prompt_ids"])
-        output = ref["output_ids"]
-        own = Table()
-        for i in range(len(context)):
-            own.observe(context, i)
-        done = 0
-        step_count = 0
-        while done < len(output):
-            draft = []
-            if done:  # the prefill step yields the first token without a draft
-                chain = list(context[-(N_MAX - 1):])
-                for j in range(min(k, len(output) - done)):
-                    token = choose(chooser, own, shared, chain, output[done + j])
-                    if token is None:
-                        break
-                    draft.append(token)
-                    chain.append(token)
-            accepted = 0
-            while accepted < len(draft) and draft[accepted] == output[done + accepted]:
-                accepted += 1
-            for token in output[done:done + accepted + 1]:
-                context.append(token)
-                own.observe(context, len(context) - 1)
-                if len(context) - 1 > len(ref["prompt_ids"]):  # generated tokens only, as ANPD's shared table
-                    shared.observe(context, len(context) - 1)
-            done += accepted + 1
-            drafted += len(draft)
-            step_count += 1
-        outputs += len(output)
-        steps += step_count
-    return {"chooser": chooser, "k": k, "mat": outputs / steps, "drafted_per_step": drafted / steps}
+def run(chooser: str, corpus, k: int) -> dict:
+    res = replay(corpus, ChooserDrafter(chooser, corpus), k, batch=1)
+    steps = int(res["steps"].sum())
+    return {"chooser": chooser, "k": k, "mat": int(res["produced"].sum()) / steps,
+            "drafted_per_step": int(res["drafted"].sum()) / steps}
 
 
 def main() -> None:
@@ -125,7 +134,8 @@ def main() -> None:
     references = load_references()
     if args.limit:
         references = references[:args.limit]
-    rows = [replay(chooser, references, args.k) for chooser in CHOOSERS]
+    corpus = Corpus(references)
+    rows = [run(chooser, corpus, args.k) for chooser in tqdm(CHOOSERS, desc="choosers")]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "headroom.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))
     base = rows[0]["mat"]
