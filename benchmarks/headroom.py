@@ -39,7 +39,9 @@ CHOOSERS = ("highest", "oracle-top2", "oracle-tops", "oracle-any")
 
 class Table:
     """Key (tuple of 1..N_MAX-1 tokens) -> successor counts, and the top successor with ANPD's rule
-    (highest count, ties to the most recent)."""
+    (highest count, ties to the most recent). Incremental, unlike ``vllm_anpd.core.oracle`` (which recounts
+    the whole context per call, too slow for 480 replays), and it exposes every level's candidates, which the
+    kernels do not."""
 
     def __init__(self):
         self.counts: dict[tuple, dict[int, int]] = {}
