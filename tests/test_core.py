@@ -390,6 +390,77 @@ def test_cross_request_table_is_bounded():
     assert t.num_active == 0
 
 
+def _serve(tables, seed, steps=80, batch=3, vocab=6):
+    """A small server's life: requests arrive, generate 1-3 tokens per step (from a tiny vocabulary, so the
+    shared table fills, matches and is cleared) and finish. Returns every step's drafts."""
+    rng = np.random.default_rng(seed)
+    live = {}  # slot -> context
+    out = []
+    for _ in range(steps):
+        while len(live) < batch:
+            live[tables.acquire()] = rng.integers(0, vocab, rng.integers(0, 12)).tolist()
+        slots = np.array(sorted(live), np.int32)
+        for s in slots:
+            live[s] = live[s] + rng.integers(0, vocab, rng.integers(1, 4)).tolist()
+        width = max(len(live[s]) for s in slots) + 1
+        rows = np.zeros((len(slots), width), np.int32)
+        for r, s in enumerate(slots):
+            rows[r, :len(live[s])] = live[s]
+        d, lens = tables.step(rows, np.array([len(live[s]) for s in slots]), slots,
+                              np.full(len(slots), 4, np.int32))
+        out.append([d[r, :lens[r]].tolist() for r in range(len(slots))])
+        rows[:] = -7  # the caller's buffer changes right after the step: the fold must not read it
+        for s in slots:
+            if rng.random() < 0.15:
+                tables.release(int(s))
+                del live[s]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_background_fold_drafts_exactly_what_the_synchronous_fold_drafts(seed):
+    p = _AnpdParams(num_speculative_tokens=4, n_min=2, n_max=4, cross_request_entries=60, cross_min_count=1)
+    sync = NgramTables(p, num_slots=2, max_batch=4)
+    background = NgramTables(p, num_slots=2, max_batch=4, fold_in_background=True)
+    assert _serve(sync, seed) == _serve(background, seed)
+    assert sync.stats() == background.stats()
+    assert sync.stats()["cross_request"]["clears"] > 0 and sync.stats()["drafted_tokens"] > 0
+    g = sync.cross_slot
+    np.testing.assert_array_equal(sync.keys[g], background.keys[g])
+    np.testing.assert_array_equal(sync.pairs[g], background.pairs[g])
+
+
+def test_fold_thread_ends_with_its_tables_and_hands_errors_to_the_caller():
+    import gc
+    import threading
+    import time
+
+    from vllm_anpd.core.tables import _FoldThread
+
+    def fold_threads():
+        return sum(t.name == "anpd-cross-fold" for t in threading.enumerate())
+
+    before = fold_threads()
+    t = NgramTables(_AnpdParams(), num_slots=2, fold_in_background=True)
+    assert fold_threads() == before + 1
+    del t
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while fold_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fold_threads() == before
+    worker = _FoldThread()
+
+    def broken():
+        raise RuntimeError("fold failed")
+
+    worker.submit(broken)
+    with pytest.raises(RuntimeError, match="fold failed"):
+        worker.wait()
+    worker.wait()  # reported once
+    worker.stop()
+
+
 @settings(max_examples=60, deadline=None)
 @given(context=small_tokens, cuts=st.lists(st.integers(0, 60), max_size=6), stop=st.sampled_from([0.05, 0.3, 0.6]))
 def test_adaptive_stop_only_shortens_drafts(context, cuts, stop):

@@ -6,7 +6,8 @@ vLLM builds it through the ``custom_class`` route (``"method": "anpd"`` is route
 
 Lifecycle, keyed by request id (rows move every step):
 * first step of a request: a slot is acquired and built from the prompt (inside the same kernel call);
-* every step: the tokens appended since the last step are folded in, then a draft is made;
+* every step: the tokens appended since the last step are folded in, then a draft is made; the cross-request
+  table learns them afterwards, on a background thread, while the target model runs;
 * partial prefill (empty ``sampled_token_ids[i]``): nothing is drafted and nothing is consumed;
 * preemption: the request leaves the batch but stays in the runner's ``requests``; its slot is kept;
 * finished or aborted: its id leaves the runner's ``requests`` (vLLM's ``_update_states``, at the next engine
@@ -76,7 +77,9 @@ class AnpdProposer:
         a new slot, rebuilt from its whole context."""
         self._slot_of.clear()
         self._owner.clear()
-        self.tables = NgramTables(self.params, num_slots=self._max_num_seqs, max_batch=self._max_num_seqs)
+        # The shared table learns each step's tokens on a background thread, while the target model verifies.
+        self.tables = NgramTables(self.params, num_slots=self._max_num_seqs, max_batch=self._max_num_seqs,
+                                  fold_in_background=True)
         self._warm_up(self._max_num_seqs)
         self.draft_length_histogram[:] = 0
         self._logged_drafts = 0
@@ -112,6 +115,7 @@ class AnpdProposer:
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **_unused):
         called_at = time.perf_counter()
+        self.tables.settle()  # the last step's background fold: done long ago, unless the step was empty
         self._release_finished()
         batch = len(sampled_token_ids)
         if batch == 0:

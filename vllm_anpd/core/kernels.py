@@ -420,7 +420,7 @@ def reset_slot(s, keys, pairs, meta, calib, level_stats, last_draft, last_cell):
 
 @njit(cache=True)
 def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count, min_share, cross_slot,
-               cross_min_count, cross_max_entries, stop_probability, max_entries, keys, pairs, meta, calib,
+               cross_min_count, stop_probability, max_entries, keys, pairs, meta, calib,
                level_stats, cell_stats, last_draft, last_cell, out_drafts, out_lens):
     """One engine step for a batch: fold new tokens into each request's tables, then draft.
 
@@ -430,17 +430,25 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
     ``out_lens[r]``. A context shorter than what the slot already consumed means a different request in
     the slot or rewritten history: the slot is rebuilt from the row.
 
-    ``cross_slot >= 0`` is the cross-request table: every generated token (not the prompt, which the
-    request's own table holds) is also folded into it, so later requests can draft from earlier outputs.
-    When it reaches ``cross_max_entries`` it is cleared and starts again (bounded memory, recent content).
+    ``cross_slot >= 0`` is the cross-request table, which drafts here but is not updated here: every
+    generated token (not the prompt, which the request's own table holds) is folded into it by
+    ``fold_cross``, after the step, from what this call returns. No draft of this step needs this step's
+    tokens in the shared table (each request has its own in its own tables), so the fold can run while
+    the target model verifies the drafts, off the path between two forward passes.
 
-    Returns a checksum of the table cells loaded ahead of use (to overlap their cache misses); returning
-    it keeps the compiler from dropping those loads. Callers ignore it.
+    Returns ``(checksum, cross_tokens, cross_segments)``. The checksum sums the table cells loaded ahead of
+    use (to overlap their cache misses); returning it keeps the compiler from dropping those loads.
+    ``cross_tokens`` holds, per row that generated tokens, those tokens with the ``n_max - 1`` before them
+    (copied: the caller's ``token_ids`` may change before the fold runs); ``cross_segments[i]`` is
+    ``(offset, first new token, end)`` of one row's run in it, the last two relative to the offset.
     """
     buf = np.empty(n_max - 1 + out_drafts.shape[1], np.int32)  # the chain being drafted
     fps = np.empty(n_max, np.int64)  # key fingerprints of every level at one position
     sink = np.zeros(1, np.int64)
     g = cross_slot
+    runs = np.empty((slots.size, 4), np.int64)  # rows whose new tokens go to the shared table: r, lo, start, n
+    num_runs = 0
+    run_tokens = 0
     for r in range(slots.size):
         out_lens[r] = 0
         s = slots[r]
@@ -455,9 +463,13 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
             _feedback(s, row, start, n, last_draft, last_cell, meta, calib, level_stats, cell_stats)
             _consume(s, row, start, n, n_min, n_max, keys, pairs, meta, max_entries, fps, sink)
             if g >= 0 and start > 0:
-                if meta[g, META_KEYS] + (n - start) * (n_max - n_min + 1) > cross_max_entries:
-                    _clear_tables(g, keys, pairs, meta)
-                _consume(g, row, start, n, n_min, n_max, keys, pairs, meta, cross_max_entries, fps, sink)
+                lo = max(0, start - (n_max - 1))
+                runs[num_runs, 0] = r
+                runs[num_runs, 1] = lo
+                runs[num_runs, 2] = start
+                runs[num_runs, 3] = n
+                num_runs += 1
+                run_tokens += n - lo
         k = min(max_draft[r], out_drafts.shape[1])
         if k <= 0 or n <= 0:
             meta[s, META_LAST_DRAFT_LEN] = 0
@@ -465,6 +477,35 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
         out_lens[r] = _draft(s, g, r, row, n, k, n_min, n_max, min_count, min_share, cross_min_count,
                              stop_probability, keys, last_draft, last_cell, meta, calib,
                              level_stats, cell_stats, buf, fps, out_drafts, sink)
+    cross_tokens = np.empty(run_tokens, np.int32)
+    cross_segments = np.empty((num_runs, 3), np.int64)
+    offset = 0
+    for i in range(num_runs):
+        r, lo, start, n = runs[i, 0], runs[i, 1], runs[i, 2], runs[i, 3]
+        cross_tokens[offset:offset + n - lo] = token_ids[r, lo:n]
+        cross_segments[i, 0] = offset
+        cross_segments[i, 1] = start - lo
+        cross_segments[i, 2] = n - lo
+        offset += n - lo
+    return sink[0], cross_tokens, cross_segments
+
+
+@njit(cache=True, nogil=True)
+def fold_cross(cross_tokens, cross_segments, g, n_min, n_max, cross_max_entries, keys, pairs, meta):
+    """Fold the generated tokens a ``step_batch`` returned into the cross-request table (slot ``g``).
+
+    Releases the GIL: the caller may run it on a background thread, as long as nothing else reads or
+    writes the tables until it returns. When the table reaches ``cross_max_entries`` it is cleared and
+    starts again (bounded memory, recent content). Returns a checksum, as ``step_batch``.
+    """
+    fps = np.empty(n_max, np.int64)
+    sink = np.zeros(1, np.int64)
+    for i in range(cross_segments.shape[0]):
+        offset, first, end = cross_segments[i, 0], cross_segments[i, 1], cross_segments[i, 2]
+        run = cross_tokens[offset:offset + end]
+        if meta[g, META_KEYS] + (end - first) * (n_max - n_min + 1) > cross_max_entries:
+            _clear_tables(g, keys, pairs, meta)
+        _consume(g, run, first, end, n_min, n_max, keys, pairs, meta, cross_max_entries, fps, sink)
     return sink[0]
 
 

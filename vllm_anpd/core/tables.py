@@ -7,6 +7,11 @@ in ``kernels.step_batch``; Python here runs per step and per request lifecycle e
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
+import weakref
+
 import numpy as np
 from numba.typed import List
 
@@ -24,15 +29,77 @@ def _empty_pair_table():
     return np.zeros((_INITIAL_CAPACITY, K.PAIR_COLUMNS), np.int64)
 
 
+class _FoldThread:
+    """One daemon thread that runs the cross-request fold (a GIL-free kernel) after ``step`` has returned.
+
+    In an engine the fold then overlaps the target model's forward pass instead of delaying it. At most one
+    fold is in flight; ``wait`` blocks until it is done (re-raising its error) and is called before anything
+    reads or writes the tables again.
+    """
+
+    def __init__(self):
+        self._start()
+
+    def _start(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._busy = False
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name="anpd-cross-fold", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+        if self._pid != os.getpid():  # forked: threads do not survive fork
+            self._start()
+        self._busy = True
+        self._jobs.put((fn, args))
+
+    def wait(self) -> None:
+        if not self._busy:
+            return
+        if self._pid != os.getpid():  # a fold in flight in the parent at fork time never runs here
+            self._busy = False
+            return
+        self._busy = False
+        error = self._done.get()
+        if error is not None:
+            raise error
+
+    def stop(self) -> None:
+        """End the thread (once the fold in flight, if any, is done)."""
+        if self._pid == os.getpid():
+            self._jobs.put(None)
+
+    def _run(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, args = job
+            try:
+                fn(*args)
+            except BaseException as e:  # handed to the caller's next wait()
+                self._done.put(e)
+            else:
+                self._done.put(None)
+
+
 class NgramTables:
     """Multi-level n-gram tables for up to ``num_slots`` concurrent requests (grows when more are live).
 
     ``step(token_ids, num_tokens, slots, max_draft)`` folds each row's new tokens into its slot and
     drafts up to ``max_draft[r]`` tokens; the returned arrays are views of preallocated buffers, valid
     until the next call.
+
+    Generated tokens reach the cross-request table after the step's drafts (``kernels.fold_cross``): right
+    away inside ``step``, or with ``fold_in_background`` on a background thread that the next call to any
+    method waits for. The two give identical drafts and tables; the background one takes the fold off the
+    path between the target model's forward passes (the vLLM proposer uses it).
     """
 
-    def __init__(self, params: AnpdParams, num_slots: int = 16, max_batch: int = 256):
+    def __init__(self, params: AnpdParams, num_slots: int = 16, max_batch: int = 256,
+                 fold_in_background: bool = False):
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots!r}: must be >= 1")
         if max_batch < 1:
@@ -62,6 +129,28 @@ class NgramTables:
         self.cross_slot = self._free.pop() if params.cross_request_entries else -1
         self._out_drafts = np.zeros((max_batch, params.num_speculative_tokens), np.int32)
         self._out_lens = np.zeros(max_batch, np.int32)
+        self._fold_thread = None
+        if fold_in_background and self.cross_slot >= 0:
+            self._fold_thread = _FoldThread()
+            weakref.finalize(self, self._fold_thread.stop)  # no thread outlives its tables
+        # Compile (or load) the fold now, not at the first generated token.
+        K.fold_cross(np.zeros(0, np.int32), np.zeros((0, 3), np.int64), self.cross_slot, params.n_min,
+                     params.n_max, params.cross_request_entries, self.keys, self.pairs, self.meta)
+
+    def settle(self) -> None:
+        """Wait for a background fold in flight (every method does, before touching the tables)."""
+        if self._fold_thread is not None:
+            self._fold_thread.wait()
+
+    def _fold(self, cross_tokens: np.ndarray, cross_segments: np.ndarray) -> None:
+        if self.cross_slot < 0 or not cross_segments.shape[0]:
+            return
+        args = (cross_tokens, cross_segments, self.cross_slot, self.params.n_min, self.params.n_max,
+                self.params.cross_request_entries, self.keys, self.pairs, self.meta)
+        if self._fold_thread is None:
+            K.fold_cross(*args)
+        else:
+            self._fold_thread.submit(K.fold_cross, *args)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -75,6 +164,7 @@ class NgramTables:
 
     def acquire(self) -> int:
         """A clean slot for a new request."""
+        self.settle()
         if not self._free:
             self._grow_slots(self.num_slots * 2)
         return self._free.pop()
@@ -83,6 +173,7 @@ class NgramTables:
         """Forget the request in ``slot``: its tables are erased and shrunk back, its stats kept in totals."""
         if not 0 <= slot < self.num_slots or slot in self._free or slot == self.cross_slot:
             raise ValueError(f"slot={slot!r}: not an acquired slot")
+        self.settle()
         self.released_meta += self.meta[slot]
         self.released_level_stats += self.level_stats[slot]
         self.keys[slot] = _empty_key_table()
@@ -118,6 +209,7 @@ class NgramTables:
         ``num_tokens``: context length per row. ``slots``: int32 per row (``-1`` skips the row).
         ``max_draft``: per-row draft limit, already clipped by the caller to the model length.
         """
+        self.settle()
         batch = slots.shape[0]
         if batch > self._out_lens.shape[0]:
             self._out_drafts = np.zeros((batch, self.params.num_speculative_tokens), np.int32)
@@ -125,11 +217,12 @@ class NgramTables:
         if token_ids.dtype != np.int32:
             token_ids = self._as_int32_tokens(token_ids)
         p = self.params
-        K.step_batch(token_ids, num_tokens, slots, max_draft, p.n_min, p.n_max, self._min_count,
-                     self._min_share, self.cross_slot, self._min_count_cross, p.cross_request_entries,
-                     p.stop_probability if stop_probability is None else stop_probability,
-                     p.max_entries_per_request, self.keys, self.pairs, self.meta, self.calib, self.level_stats,
-                     self.cell_stats, self.last_draft, self.last_cell, self._out_drafts, self._out_lens)
+        _, cross_tokens, cross_segments = K.step_batch(
+            token_ids, num_tokens, slots, max_draft, p.n_min, p.n_max, self._min_count, self._min_share,
+            self.cross_slot, self._min_count_cross, p.stop_probability if stop_probability is None else stop_probability,
+            p.max_entries_per_request, self.keys, self.pairs, self.meta, self.calib, self.level_stats,
+            self.cell_stats, self.last_draft, self.last_cell, self._out_drafts, self._out_lens)
+        self._fold(cross_tokens, cross_segments)
         return self._out_drafts[:batch], self._out_lens[:batch]
 
     @staticmethod
@@ -142,16 +235,19 @@ class NgramTables:
     # --- introspection -----------------------------------------------------------------------------
     def bytes_in_use(self) -> int:
         """Bytes held by all tables and per-slot arrays (live and free slots)."""
+        self.settle()
         total = sum(a.nbytes for lst in (self.keys, self.pairs) for a in lst)
         total += sum(a.nbytes for a in (self.meta, self.calib, self.level_stats, self.last_draft,
                                          self.last_cell, self.cell_stats, self._out_drafts, self._out_lens))
         return int(total)
 
     def slot_bytes(self, slot: int) -> int:
+        self.settle()
         return int(self.keys[slot].nbytes + self.pairs[slot].nbytes)
 
     def stats(self) -> dict:
         """Totals over live and released requests: drafts, tokens, acceptance, per-level figures."""
+        self.settle()
         free = set(self._free) | {self.cross_slot}
         live = [s for s in range(self.num_slots) if s not in free]
         meta = self.released_meta + self.meta[live].sum(axis=0)
