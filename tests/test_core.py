@@ -133,6 +133,32 @@ def test_kernel_equals_oracle_at_every_step(params, context, cuts, k):
         assert len(got) <= min(k, params.num_speculative_tokens)
 
 
+per_level_params = st.integers(1, 3).flatmap(lambda n_min: st.integers(0, 4).flatmap(lambda span: st.builds(
+    lambda k, mc, ms: AnpdParams(num_speculative_tokens=k, n_min=n_min, n_max=n_min + span, min_count=mc,
+                                 min_share=ms),
+    st.integers(1, 8), st.lists(st.integers(1, 3), min_size=span + 1, max_size=span + 1),
+    st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=span + 1, max_size=span + 1))))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(params=per_level_params, context=st.lists(st.integers(0, 2), max_size=90),
+       cuts=st.lists(st.integers(0, 90), max_size=6), k=st.integers(1, 8))
+def test_kernel_drafts_each_token_from_the_oracles_level(params, context, cuts, k):
+    """Per-level gates, and the level of every drafted token (the per-level statistics) equal the oracle's:
+    a key the kernel stores only implicitly must still be found at its own level."""
+    t = NgramTables(params, num_slots=1, max_batch=1)
+    slot = t.acquire()
+    row = np.zeros((1, max(len(context), 1)), np.int32)
+    row[0, :len(context)] = context
+    for n in sorted({min(c, len(context)) for c in cuts} | {len(context)}):
+        before = t.level_stats[slot, :, 0].copy()
+        drafts, lens = t.step(row, np.array([n]), np.array([slot], np.int32), np.array([k], np.int32))
+        expected = oracle.draft_with_levels(context[:n], params, k)
+        assert drafts[0, :lens[0]].tolist() == [token for token, _ in expected]
+        levels = np.bincount([level for _, level in expected], minlength=before.size)
+        np.testing.assert_array_equal(t.level_stats[slot, :, 0] - before, levels)
+
+
 @pytest.mark.parametrize("vocab", [2, 3, 5])
 def test_deep_levels_equal_oracle_while_chaining(vocab):
     """Levels up to n = 9 on long low-entropy streams: drafts chain through many levels, so a level the kernel

@@ -4,7 +4,9 @@ Data layout (one *slot* per live request; see ``tables.py`` for the owner of the
 
 * ``keys[s]``  int64[cap_k, 4]   open-addressing table (linear probing) of n-gram *keys*, one 32-byte record
                                   per key: 64-bit fingerprint of (key length, the n-1 key tokens) (0 marks
-                                  an empty cell), top successor token, its count, total successor count.
+                                  an empty cell), top successor token, its count, total successor count
+                                  (in a request's own tables, ``-1 - position`` for a key seen once: its
+                                  longer keys are then implicit, see ``_consume``).
 * ``pairs[s]`` int64[cap_p, 2]   table of (key, successor) pairs: fingerprint of (key fp, token), count.
                                   It holds the successors that are *not* their key's top: the top's count
                                   lives in the key record, and a pair cell of the current top is stale.
@@ -13,8 +15,9 @@ Because counts only grow by one at a time, the top successor can be maintained i
 rule "highest count, ties to the most recent": when a successor's count reaches the current top count,
 it becomes the top (it is the most recent), and the old top's count moves to the pair table. So drafting
 reads one record per level, and an update costs O(levels) hash probes per token, never a rescan of the
-context. Most observations touch one cache line per level: a key seen for the first time, or followed
-again by its top successor, needs no pair cell (in text, most keys have a single successor).
+context (fewer in a request's own tables: a position's walk up the levels stops at its first new key).
+Most observations touch one cache line per level: a key seen for the first time, or followed again by
+its top successor, needs no pair cell (in text, most keys have a single successor).
 
 Fingerprints are 64-bit; two different keys sharing one is possible in principle (about 2^-64 per
 pair) and would only change a draft, never the output (the target model verifies every draft token).
@@ -43,7 +46,7 @@ META_COLUMNS = 11
 KEY_FP = 0  # fingerprint of (key length, key tokens); 0: empty
 KEY_TOP = 1  # top successor token
 KEY_TOP_COUNT = 2  # its count
-KEY_TOTAL = 3  # total successor count
+KEY_TOTAL = 3  # total successor count; -1 - position for a key of a request's own tables seen once
 KEY_COLUMNS = 4
 PAIR_COLUMNS = 2  # fingerprint of (key fp, successor), count
 
@@ -192,20 +195,25 @@ def _pair_row(pairs, pf, meta, s, limit):
 
 
 @njit(cache=True)
-def _observe(s, fp, token, keys, pairs, meta, max_entries):
-    """Count one occurrence of ``token`` after the key ``fp`` in slot ``s``."""
-    ki = _probe(keys, fp)
-    if ki < 0:
-        if meta[s, META_KEYS] >= _entry_limit(keys.shape[0], max_entries):
-            meta[s, META_DROPPED] += 1
-            return
-        ki = -1 - ki
-        keys[ki, KEY_FP] = fp
-        keys[ki, KEY_TOP] = token
-        keys[ki, KEY_TOP_COUNT] = 1
-        keys[ki, KEY_TOTAL] = 1
-        meta[s, META_KEYS] += 1
-        return
+def _new_key(s, keys, ki, fp, token, total, meta, max_entries):
+    """Store key ``fp`` in the empty row ``-1 - ki`` (what ``_probe`` returned) with one successor ``token``;
+    ``total`` is 1, or ``-1 - position`` for a key of the request's own tables seen once (see ``_consume``).
+    Returns False, counting a dropped observation, if the table is full."""
+    if meta[s, META_KEYS] >= _entry_limit(keys.shape[0], max_entries):
+        meta[s, META_DROPPED] += 1
+        return False
+    ki = -1 - ki
+    keys[ki, KEY_FP] = fp
+    keys[ki, KEY_TOP] = token
+    keys[ki, KEY_TOP_COUNT] = 1
+    keys[ki, KEY_TOTAL] = total
+    meta[s, META_KEYS] += 1
+    return True
+
+
+@njit(cache=True)
+def _count(s, ki, fp, token, keys, pairs, meta, max_entries):
+    """Count one more occurrence of ``token`` after the key ``fp`` stored in row ``ki`` (total >= 1)."""
     top = keys[ki, KEY_TOP]
     if token == top:  # the common case: the top's count lives in the key record
         keys[ki, KEY_TOP_COUNT] += 1
@@ -231,20 +239,32 @@ def _observe(s, fp, token, keys, pairs, meta, max_entries):
 
 
 @njit(cache=True)
-def _consume(s, row, start, end, n_min, n_max, keys, pairs, meta, max_entries, fps, sink):
-    """Fold tokens ``row[start:end]`` (each as a successor of the keys before it) into slot ``s``."""
+def _consume(s, row, start, end, n_min, n_max, keys, pairs, meta, max_entries, fps, sink, lazy):
+    """Fold tokens ``row[start:end]`` (each as a successor of the keys before it) into slot ``s``.
+
+    ``lazy`` (a request's own tables, whose ``row`` is the request's whole context): a key seen once is
+    stored with the position of that occurrence (``KEY_TOTAL = -1 - position``) and its longer keys are not
+    stored; they exist implicitly (each was seen once, at that position, followed by the same token), and
+    ``_lookup`` finds them by comparing tokens. When the key is seen a second time, its one longer key at
+    the first occurrence is stored (seen once, so itself lazily), and so on up the levels. A position then
+    walks its levels from the shortest key and stops at the first key seen for the first time: in text most
+    long keys are new, so this stores about half the records and touches fewer of them, with drafts
+    identical to storing every key (the oracle tests). Eager (the cross-request table, which keeps no
+    context): every level is counted.
+    """
     num_levels = n_max - n_min + 1
     touched = np.int64(0)
     kt = keys[s]
     pt = pairs[s]
+    child = np.empty(n_max, np.int64)
     for pos in range(start, end):
         token = row[pos]
         longest = min(n_max - 1, pos)
         if longest < n_min - 1:
             continue
         # Room for this position's records before touching them (the table object may change).
-        if meta[s, META_KEYS] + num_levels > _entry_limit(kt.shape[0], 0):
-            kt = _room_for(kt, meta[s, META_KEYS], num_levels, max_entries)
+        if meta[s, META_KEYS] + num_levels + 1 > _entry_limit(kt.shape[0], 0):
+            kt = _room_for(kt, meta[s, META_KEYS], num_levels + 1, max_entries)
             keys[s] = kt
         if meta[s, META_PAIRS] + 2 * num_levels > _entry_limit(pt.shape[0], 0):
             pt = _room_for(pt, meta[s, META_PAIRS], 2 * num_levels, max_entries)
@@ -256,7 +276,24 @@ def _consume(s, row, start, end, n_min, n_max, keys, pairs, meta, max_entries, f
         for m in range(n_min - 1, longest + 1):
             touched += kt[fps[m] & kmask, KEY_TOP]
         for m in range(n_min - 1, longest + 1):
-            _observe(s, fps[m], token, kt, pt, meta, max_entries)
+            fp = fps[m]
+            ki = _probe(kt, fp)
+            if ki < 0:
+                if lazy:  # seen for the first time: so are the longer keys here, left implicit
+                    _new_key(s, kt, ki, fp, token, -1 - pos, meta, max_entries)
+                    break
+                _new_key(s, kt, ki, fp, token, 1, meta, max_entries)
+                continue
+            total = kt[ki, KEY_TOTAL]
+            if total < 0:  # seen once before, at ``first``: its longer key there becomes explicit
+                first = -1 - total
+                kt[ki, KEY_TOTAL] = 1
+                if m < n_max - 1 and first > m:
+                    key_fingerprints(row, first, m + 1, child)
+                    ci = _probe(kt, child[m + 1])
+                    if ci < 0:
+                        _new_key(s, kt, ci, child[m + 1], row[first], -1 - first, meta, max_entries)
+            _count(s, ki, fp, token, kt, pt, meta, max_entries)
     meta[s, META_CONSUMED] = end
     sink[0] += touched
 
@@ -311,9 +348,10 @@ def _feedback(s, row, start, end, last_draft, last_cell, meta, calib, level_stat
 
 
 @njit(cache=True)
-def _lookup(kt, fps, longest, n_min, n_max, min_count, min_share, sink):
-    """Highest level whose key (fingerprint ``fps[n - 1]``, keys up to length ``longest``) is in the table
-    and passes the gate.
+def _lookup(kt, fps, longest, n_min, n_max, min_count, min_share, sink, chain, chain_len, row):
+    """Highest level whose key (fingerprint ``fps[n - 1]``, keys up to length ``longest``, the end of
+    ``chain[:chain_len]``) is in the table and passes the gate. ``row`` is the context a lazily stored
+    key's position refers to (see ``_consume``).
 
     Returns ``(level index or -1, top token, top count, total count, highest level whose key is in the
     table or -1)``.
@@ -329,10 +367,23 @@ def _lookup(kt, fps, longest, n_min, n_max, min_count, min_share, sink):
         ki = _probe(kt, fps[n_min + lv - 1])
         if ki < 0:
             continue
-        if matched < 0:
-            matched = lv
         top_count = kt[ki, KEY_TOP_COUNT]
         total = kt[ki, KEY_TOTAL]
+        if total < 0:
+            # Seen once, at ``first``: the longer keys of that occurrence are implicit. Those that the chain
+            # ends with are found by comparing tokens; each was seen once, followed by the same token.
+            first = -1 - total
+            m = n_min + lv - 1
+            while m < n_min + top_lv - 1 and m < first and chain[chain_len - m - 1] == row[first - m - 1]:
+                m += 1
+            if matched < 0:
+                matched = m - n_min + 1
+            for hi in range(m - n_min + 1, lv - 1, -1):
+                if not (1 < min_count[hi] or 1 < min_share[hi]):
+                    return hi, kt[ki, KEY_TOP], 1, 1, matched
+            continue
+        if matched < 0:
+            matched = lv
         if top_count < min_count[lv] or top_count < min_share[lv] * total:
             continue
         return lv, kt[ki, KEY_TOP], top_count, total, matched
@@ -371,14 +422,14 @@ def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cros
     for j in range(k):
         longest = min(blen, n_max - 1)
         key_fingerprints(buf, blen, longest, fps)
-        level, top, top_count, total, own_match = _lookup(own, fps, min(longest, own_longest),
-                                                          n_min, n_max, min_count, min_share, sink)
+        level, top, top_count, total, own_match = _lookup(own, fps, min(longest, own_longest), n_min, n_max,
+                                                          min_count, min_share, sink, buf, blen, row)
         matched = own_match >= 0
         own_longest = max(n_min + own_match, n_min - 1)
         cell = _cell(level, top_count, total) if level >= 0 else -1
         if g >= 0 and level < CROSS_COMPETES_BELOW:
-            lv, c_top, c_count, c_total, cross_match = _lookup(cross, fps, longest, n_min, n_max,
-                                                               cross_min_count, min_share, sink)
+            lv, c_top, c_count, c_total, cross_match = _lookup(cross, fps, longest, n_min, n_max, cross_min_count,
+                                                               min_share, sink, buf, blen, row)
             matched = matched or cross_match >= 0
             if lv >= 0:
                 c_cell = _cell(num_levels + lv, c_count, c_total)
@@ -461,7 +512,7 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
         start = meta[s, META_CONSUMED]
         if n > start:
             _feedback(s, row, start, n, last_draft, last_cell, meta, calib, level_stats, cell_stats)
-            _consume(s, row, start, n, n_min, n_max, keys, pairs, meta, max_entries, fps, sink)
+            _consume(s, row, start, n, n_min, n_max, keys, pairs, meta, max_entries, fps, sink, True)
             if g >= 0 and start > 0:
                 lo = max(0, start - (n_max - 1))
                 runs[num_runs, 0] = r
@@ -505,7 +556,7 @@ def fold_cross(cross_tokens, cross_segments, g, n_min, n_max, cross_max_entries,
         run = cross_tokens[offset:offset + end]
         if meta[g, META_KEYS] + (end - first) * (n_max - n_min + 1) > cross_max_entries:
             _clear_tables(g, keys, pairs, meta)
-        _consume(g, run, first, end, n_min, n_max, keys, pairs, meta, cross_max_entries, fps, sink)
+        _consume(g, run, first, end, n_min, n_max, keys, pairs, meta, cross_max_entries, fps, sink, False)
     return sink[0]
 
 

@@ -34,9 +34,14 @@ def top_successor(successors: dict[int, list[int]]):
 
 def draft(context: list[int], params: AnpdParams, k: int) -> list[int]:
     """The draft ANPD proposes after ``context`` (no adaptive stop probability)."""
+    return [token for token, _ in draft_with_levels(context, params, k)]
+
+
+def draft_with_levels(context: list[int], params: AnpdParams, k: int) -> list[tuple[int, int]]:
+    """``draft``'s tokens, each with the level (index from ``n_min``) it was drafted from."""
     table = ngram_counts(context, params.n_min, params.n_max)
     chain = list(context)
-    out: list[int] = []
+    out: list[tuple[int, int]] = []
     for _ in range(min(k, params.num_speculative_tokens)):
         chosen = None
         for level in range(params.num_levels - 1, -1, -1):
@@ -49,10 +54,10 @@ def draft(context: list[int], params: AnpdParams, k: int) -> list[int]:
             token, count, total = top_successor(table[key])
             if count < params.min_count[level] or count < params.min_share[level] * total:
                 continue
-            chosen = token
+            chosen = (token, level)
             break
         if chosen is None:
             break
         out.append(chosen)
-        chain.append(chosen)
+        chain.append(chosen[0])
     return out
