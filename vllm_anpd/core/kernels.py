@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit
 
 # --- slot metadata columns (int64[S, META_COLUMNS]) -------------------------------------------------
-META_CONSUMED = 0  # tokens of the request already folded into the tables
+META_CONSUMED = 0  # tokens of the request already folded into its tables
 META_KEYS = 1  # keys in use
 META_PAIRS = 2  # pairs in use
 META_DROPPED = 3  # n-gram observations dropped because the request hit max_entries_per_request
@@ -40,7 +40,8 @@ META_ACCEPTED = 7  # draft tokens accepted by the target model
 META_GATE_STOPS = 8  # drafts cut short by the confidence gate (a key matched, no level passed the gate)
 META_PROB_STOPS = 9  # drafts cut short by the adaptive stop probability
 META_CLEARS = 10  # cross-request table only: times it was cleared on reaching its bound
-META_COLUMNS = 11
+META_SEEN = 11  # tokens of the request copied into its context array (folded: META_CONSUMED, at most this)
+META_COLUMNS = 12
 
 # --- key record columns (int64[cap_k, KEY_COLUMNS]) --------------------------------------------------
 KEY_FP = 0  # fingerprint of (key length, key tokens); 0: empty
@@ -71,6 +72,11 @@ CROSS_COMPETES_BELOW = 2
 CALIBRATION_DECAY = 0.97
 
 MAX_LOAD_NUM, MAX_LOAD_DEN = 3, 4  # tables grow past 75 % load
+
+# A step's new tokens are folded into the request's own tables after its draft (off the path between two
+# forward passes, see ``step_batch``); the draft counts them by comparing fingerprints. Steps that bring more
+# (a prompt, a resumed request) fold them first: counting a long window at every lookup would cost more.
+MAX_WINDOW = 32
 
 _K0 = np.uint64(0x9E3779B97F4A7C15)
 _K1 = np.uint64(0xD6E8FEB86659FD93)
@@ -348,10 +354,9 @@ def _feedback(s, row, start, end, last_draft, last_cell, meta, calib, level_stat
 
 
 @njit(cache=True)
-def _lookup(kt, fps, longest, n_min, n_max, min_count, min_share, sink, chain, chain_len, row):
-    """Highest level whose key (fingerprint ``fps[n - 1]``, keys up to length ``longest``, the end of
-    ``chain[:chain_len]``) is in the table and passes the gate. ``row`` is the context a lazily stored
-    key's position refers to (see ``_consume``).
+def _lookup(kt, fps, longest, n_min, n_max, min_count, min_share, sink):
+    """Highest level whose key (fingerprint ``fps[n - 1]``, keys up to length ``longest``) is in the table
+    (one that stores every key: the cross-request table) and passes the gate.
 
     Returns ``(level index or -1, top token, top count, total count, highest level whose key is in the
     table or -1)``.
@@ -367,23 +372,10 @@ def _lookup(kt, fps, longest, n_min, n_max, min_count, min_share, sink, chain, c
         ki = _probe(kt, fps[n_min + lv - 1])
         if ki < 0:
             continue
-        top_count = kt[ki, KEY_TOP_COUNT]
-        total = kt[ki, KEY_TOTAL]
-        if total < 0:
-            # Seen once, at ``first``: the longer keys of that occurrence are implicit. Those that the chain
-            # ends with are found by comparing tokens; each was seen once, followed by the same token.
-            first = -1 - total
-            m = n_min + lv - 1
-            while m < n_min + top_lv - 1 and m < first and chain[chain_len - m - 1] == row[first - m - 1]:
-                m += 1
-            if matched < 0:
-                matched = m - n_min + 1
-            for hi in range(m - n_min + 1, lv - 1, -1):
-                if not (1 < min_count[hi] or 1 < min_share[hi]):
-                    return hi, kt[ki, KEY_TOP], 1, 1, matched
-            continue
         if matched < 0:
             matched = lv
+        top_count = kt[ki, KEY_TOP_COUNT]
+        total = kt[ki, KEY_TOTAL]
         if top_count < min_count[lv] or top_count < min_share[lv] * total:
             continue
         return lv, kt[ki, KEY_TOP], top_count, total, matched
@@ -391,9 +383,104 @@ def _lookup(kt, fps, longest, n_min, n_max, min_count, min_share, sink, chain, c
 
 
 @njit(cache=True)
-def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cross_min_count, stop_probability,
-           keys, last_draft, last_cell, meta, calib, level_stats, cell_stats, buf, fps, out, sink):
-    """Chain up to ``k`` tokens after ``row[:num_tokens]`` into ``out[r]``; returns the draft length.
+def _lookup_own(kt, pt, fps, longest, n_min, n_max, min_count, min_share, sink, chain, chain_len, context,
+                win_start, win_end, win_fps, cand_token, cand_count):
+    """``_lookup`` for a request's own tables, which hold ``context[:win_start]`` lazily (see ``_consume``),
+    plus the window ``context[win_start:win_end]`` not folded in yet (``win_fps[j, m]``: fingerprint of the
+    key of length ``m`` before position ``win_start + j``). The result is what the tables would give with
+    the window folded in: the window's occurrences come after every stored one, so they are added with the
+    same incremental rule (highest count, ties to the most recent).
+    """
+    top_lv = min(longest - n_min + 1, n_max - n_min)
+    mask = kt.shape[0] - 1
+    touched = np.int64(0)
+    for lv in range(top_lv, -1, -1):  # start every level's cache misses before walking them in order
+        touched += kt[fps[n_min + lv - 1] & mask, KEY_TOP]
+    sink[0] += touched
+    # The stored part: the highest stored key, and for a key seen once, how far its implicit longer keys
+    # match the chain (compared token by token; each was seen once, followed by the same token).
+    found = -1
+    found_row = -1
+    implicit_top = -1
+    for lv in range(top_lv, -1, -1):
+        ki = _probe(kt, fps[n_min + lv - 1])
+        if ki < 0:
+            continue
+        found = lv
+        found_row = ki
+        implicit_top = lv
+        total = kt[ki, KEY_TOTAL]
+        if total < 0:
+            first = -1 - total
+            m = n_min + lv - 1
+            while m < n_min + top_lv - 1 and m < first and chain[chain_len - m - 1] == context[first - m - 1]:
+                m += 1
+            implicit_top = m - n_min + 1
+        break
+    matched = -1
+    for lv in range(top_lv, -1, -1):
+        m = n_min + lv - 1
+        fp = fps[m]
+        ki = -1
+        if lv > implicit_top:  # not in the stored part
+            top, top_count, total = 0, 0, 0
+        elif lv >= found and kt[found_row, KEY_TOTAL] < 0:  # the key seen once, or one of its implicit keys
+            top, top_count, total = kt[found_row, KEY_TOP], 1, 1
+        else:  # a stored key (below a stored key, every shorter key is stored)
+            ki = found_row if lv == found else _probe(kt, fp)
+            if ki < 0:  # only in a full, bounded table that dropped it
+                top, top_count, total = 0, 0, 0
+            else:
+                top, top_count, total = kt[ki, KEY_TOP], kt[ki, KEY_TOP_COUNT], kt[ki, KEY_TOTAL]
+        candidates = 0
+        for j in range(win_end - win_start):
+            if m > win_start + j or win_fps[j, m] != fp:
+                continue
+            token = context[win_start + j]
+            if total == 0:
+                top, top_count, total = token, 1, 1
+                cand_token[0] = token
+                cand_count[0] = 1
+                candidates = 1
+                continue
+            if candidates == 0:
+                cand_token[0] = top
+                cand_count[0] = top_count
+                candidates = 1
+            c = 0
+            while c < candidates and cand_token[c] != token:
+                c += 1
+            if c == candidates:  # the first time the window has this successor: its stored count, if any
+                stored = 0
+                if ki >= 0:
+                    pi = _probe(pt, _pair_fingerprint(fp, token))
+                    if pi >= 0:
+                        stored = pt[pi, 1]
+                cand_token[c] = token
+                cand_count[c] = stored
+                candidates += 1
+            cand_count[c] += 1
+            total += 1
+            if token == top:
+                top_count = cand_count[c]
+            elif cand_count[c] >= top_count:
+                top, top_count = token, cand_count[c]
+        if total == 0:
+            continue
+        if matched < 0:
+            matched = lv
+        if top_count < min_count[lv] or top_count < min_share[lv] * total:
+            continue
+        return lv, top, top_count, total, matched
+    return -1, 0, 0, 0, matched
+
+
+@njit(cache=True)
+def _draft(s, g, r, context, num_tokens, k, n_min, n_max, min_count, min_share, cross_min_count, stop_probability,
+           keys, pairs, last_draft, last_cell, meta, calib, level_stats, cell_stats, buf, fps, out, sink,
+           win_start, win_fps, cand_token, cand_count):
+    """Chain up to ``k`` tokens after ``context[:num_tokens]`` into ``out[r]``; returns the draft length.
+    The request's own tables hold ``context[:win_start]``; the rest is counted from ``win_fps``.
 
     Each token comes from the request's own tables (slot ``s``) or from the cross-request table (slot ``g``,
     if ``g >= 0``, with its own minimum count): the shared table is asked when none of the request's levels
@@ -405,7 +492,7 @@ def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cros
     num_levels = n_max - n_min + 1
     ctx = min(num_tokens, n_max - 1)
     for i in range(ctx):
-        buf[i] = row[num_tokens - ctx + i]
+        buf[i] = context[num_tokens - ctx + i]
     blen = ctx
     path_p = 1.0
     # Per-request calibration: how this request's recent acceptance compares with the global estimate.
@@ -418,18 +505,20 @@ def _draft(s, g, r, row, num_tokens, k, n_min, n_max, min_count, min_share, cros
     # cross-request table, which holds generated tokens only, without the prompt tokens before them.)
     own_longest = n_max - 1
     own = keys[s]  # fetched once: a typed-list lookup costs ~50 ns, more than a cached table probe
+    own_pairs = pairs[s]
     cross = keys[g] if g >= 0 else own
     for j in range(k):
         longest = min(blen, n_max - 1)
         key_fingerprints(buf, blen, longest, fps)
-        level, top, top_count, total, own_match = _lookup(own, fps, min(longest, own_longest), n_min, n_max,
-                                                          min_count, min_share, sink, buf, blen, row)
+        level, top, top_count, total, own_match = _lookup_own(
+            own, own_pairs, fps, min(longest, own_longest), n_min, n_max, min_count, min_share, sink, buf, blen,
+            context, win_start, num_tokens, win_fps, cand_token, cand_count)
         matched = own_match >= 0
         own_longest = max(n_min + own_match, n_min - 1)
         cell = _cell(level, top_count, total) if level >= 0 else -1
         if g >= 0 and level < CROSS_COMPETES_BELOW:
-            lv, c_top, c_count, c_total, cross_match = _lookup(cross, fps, longest, n_min, n_max, cross_min_count,
-                                                               min_share, sink, buf, blen, row)
+            lv, c_top, c_count, c_total, cross_match = _lookup(cross, fps, longest, n_min, n_max,
+                                                               cross_min_count, min_share, sink)
             matched = matched or cross_match >= 0
             if lv >= 0:
                 c_cell = _cell(num_levels + lv, c_count, c_total)
@@ -470,36 +559,50 @@ def reset_slot(s, keys, pairs, meta, calib, level_stats, last_draft, last_cell):
 
 
 @njit(cache=True)
+def _append_context(s, row, start, end, contexts):
+    """Copy ``row[start:end]`` into slot ``s``'s context array (grown by doubling)."""
+    ctx = contexts[s]
+    if end > ctx.size:
+        grown = np.zeros(max(end, 2 * ctx.size), np.int32)
+        grown[:start] = ctx[:start]
+        contexts[s] = grown
+        ctx = grown
+    ctx[start:end] = row[start:end]
+    return ctx
+
+
+@njit(cache=True)
 def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count, min_share, cross_slot,
-               cross_min_count, stop_probability, max_entries, keys, pairs, meta, calib,
+               cross_min_count, stop_probability, max_entries, keys, pairs, contexts, meta, calib,
                level_stats, cell_stats, last_draft, last_cell, out_drafts, out_lens):
-    """One engine step for a batch: fold new tokens into each request's tables, then draft.
+    """One engine step for a batch: score the last drafts, then draft; the tables learn afterwards.
 
     Row ``r`` of the batch is request slot ``slots[r]`` whose context is ``token_ids[r, :num_tokens[r]]``
     (prompt + every token produced so far). Rows with ``slots[r] < 0`` are skipped. At most
     ``max_draft[r]`` tokens are drafted (0 still updates the tables). Writes ``out_drafts[r, :len]`` and
-    ``out_lens[r]``. A context shorter than what the slot already consumed means a different request in
-    the slot or rewritten history: the slot is rebuilt from the row.
+    ``out_lens[r]``. A context shorter than what the slot has seen means a different request in the slot or
+    rewritten history: the slot is rebuilt from the row.
 
-    ``cross_slot >= 0`` is the cross-request table, which drafts here but is not updated here: every
-    generated token (not the prompt, which the request's own table holds) is folded into it by
-    ``fold_cross``, after the step, from what this call returns. No draft of this step needs this step's
-    tokens in the shared table (each request has its own in its own tables), so the fold can run while
-    the target model verifies the drafts, off the path between two forward passes.
+    The tokens new since the last step are copied into the slot's context array, and drafted from without
+    being folded into the tables yet (up to ``MAX_WINDOW`` of them: ``_lookup_own`` counts them). Folding
+    them, and every generated token into the cross-request table (slot ``cross_slot >= 0``; not the prompt,
+    which the request's own tables hold), is left to ``fold_pending`` on what this call returns: work that
+    can run while the target model verifies the drafts, off the path between two forward passes. The
+    drafts are the same either way. Until ``fold_pending`` has run, nothing else may use the tables.
 
-    Returns ``(checksum, cross_tokens, cross_segments)``. The checksum sums the table cells loaded ahead of
-    use (to overlap their cache misses); returning it keeps the compiler from dropping those loads.
-    ``cross_tokens`` holds, per row that generated tokens, those tokens with the ``n_max - 1`` before them
-    (copied: the caller's ``token_ids`` may change before the fold runs); ``cross_segments[i]`` is
-    ``(offset, first new token, end)`` of one row's run in it, the last two relative to the offset.
+    Returns ``(checksum, pending)``: the checksum sums the table cells loaded ahead of use (to overlap their
+    cache misses; returning it keeps the compiler from dropping those loads); ``pending[i]`` is ``(slot,
+    first token to fold into its tables, end, first token to fold into the cross-request table or -1)``.
     """
     buf = np.empty(n_max - 1 + out_drafts.shape[1], np.int32)  # the chain being drafted
     fps = np.empty(n_max, np.int64)  # key fingerprints of every level at one position
+    win_fps = np.empty((MAX_WINDOW, n_max), np.int64)  # ... at every position of the window
+    cand_token = np.empty(MAX_WINDOW + 1, np.int32)  # successors of one key, while counting the window
+    cand_count = np.empty(MAX_WINDOW + 1, np.int64)
     sink = np.zeros(1, np.int64)
     g = cross_slot
-    runs = np.empty((slots.size, 4), np.int64)  # rows whose new tokens go to the shared table: r, lo, start, n
-    num_runs = 0
-    run_tokens = 0
+    pending = np.empty((slots.size, 4), np.int64)
+    num_pending = 0
     for r in range(slots.size):
         out_lens[r] = 0
         s = slots[r]
@@ -507,56 +610,59 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
             continue
         row = token_ids[r]
         n = min(num_tokens[r], row.size)
-        if n < meta[s, META_CONSUMED]:
+        if n < meta[s, META_SEEN]:
             reset_slot(s, keys, pairs, meta, calib, level_stats, last_draft, last_cell)
+        seen = meta[s, META_SEEN]
+        context = _append_context(s, row, seen, n, contexts) if n > seen else contexts[s]
+        if n > seen:
+            _feedback(s, context, seen, n, last_draft, last_cell, meta, calib, level_stats, cell_stats)
+            meta[s, META_SEEN] = n
         start = meta[s, META_CONSUMED]
-        if n > start:
-            _feedback(s, row, start, n, last_draft, last_cell, meta, calib, level_stats, cell_stats)
-            _consume(s, row, start, n, n_min, n_max, keys, pairs, meta, max_entries, fps, sink, True)
-            if g >= 0 and start > 0:
-                lo = max(0, start - (n_max - 1))
-                runs[num_runs, 0] = r
-                runs[num_runs, 1] = lo
-                runs[num_runs, 2] = start
-                runs[num_runs, 3] = n
-                num_runs += 1
-                run_tokens += n - lo
+        if n - start > MAX_WINDOW:
+            _consume(s, context, start, n, n_min, n_max, keys, pairs, meta, max_entries, fps, sink, True)
+            start = n
+        if n > start or (g >= 0 and seen > 0 and n > seen):
+            pending[num_pending, 0] = s
+            pending[num_pending, 1] = start
+            pending[num_pending, 2] = n
+            pending[num_pending, 3] = seen if g >= 0 and seen > 0 and n > seen else -1
+            num_pending += 1
         k = min(max_draft[r], out_drafts.shape[1])
         if k <= 0 or n <= 0:
             meta[s, META_LAST_DRAFT_LEN] = 0
             continue
-        out_lens[r] = _draft(s, g, r, row, n, k, n_min, n_max, min_count, min_share, cross_min_count,
-                             stop_probability, keys, last_draft, last_cell, meta, calib,
-                             level_stats, cell_stats, buf, fps, out_drafts, sink)
-    cross_tokens = np.empty(run_tokens, np.int32)
-    cross_segments = np.empty((num_runs, 3), np.int64)
-    offset = 0
-    for i in range(num_runs):
-        r, lo, start, n = runs[i, 0], runs[i, 1], runs[i, 2], runs[i, 3]
-        cross_tokens[offset:offset + n - lo] = token_ids[r, lo:n]
-        cross_segments[i, 0] = offset
-        cross_segments[i, 1] = start - lo
-        cross_segments[i, 2] = n - lo
-        offset += n - lo
-    return sink[0], cross_tokens, cross_segments
+        for j in range(n - start):
+            key_fingerprints(context, start + j, min(n_max - 1, start + j), win_fps[j])
+        out_lens[r] = _draft(s, g, r, context, n, k, n_min, n_max, min_count, min_share, cross_min_count,
+                             stop_probability, keys, pairs, last_draft, last_cell, meta, calib,
+                             level_stats, cell_stats, buf, fps, out_drafts, sink, start, win_fps,
+                             cand_token, cand_count)
+    return sink[0], pending[:num_pending]
 
 
 @njit(cache=True, nogil=True)
-def fold_cross(cross_tokens, cross_segments, g, n_min, n_max, cross_max_entries, keys, pairs, meta):
-    """Fold the generated tokens a ``step_batch`` returned into the cross-request table (slot ``g``).
+def fold_pending(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, contexts,
+                 meta):
+    """Fold what a ``step_batch`` left pending into the tables: each request's new tokens into its own
+    tables, its generated tokens into the cross-request table (cleared and restarted when it reaches
+    ``cross_max_entries``: bounded memory, recent content).
 
     Releases the GIL: the caller may run it on a background thread, as long as nothing else reads or
-    writes the tables until it returns. When the table reaches ``cross_max_entries`` it is cleared and
-    starts again (bounded memory, recent content). Returns a checksum, as ``step_batch``.
+    writes the tables until it returns. Returns a checksum, as ``step_batch``.
     """
     fps = np.empty(n_max, np.int64)
     sink = np.zeros(1, np.int64)
-    for i in range(cross_segments.shape[0]):
-        offset, first, end = cross_segments[i, 0], cross_segments[i, 1], cross_segments[i, 2]
-        run = cross_tokens[offset:offset + end]
-        if meta[g, META_KEYS] + (end - first) * (n_max - n_min + 1) > cross_max_entries:
-            _clear_tables(g, keys, pairs, meta)
-        _consume(g, run, first, end, n_min, n_max, keys, pairs, meta, cross_max_entries, fps, sink, False)
+    g = cross_slot
+    for i in range(pending.shape[0]):
+        s, start, end, cross_start = pending[i, 0], pending[i, 1], pending[i, 2], pending[i, 3]
+        context = contexts[s]
+        if end > start:
+            _consume(s, context, start, end, n_min, n_max, keys, pairs, meta, max_entries, fps, sink, True)
+        if g >= 0 and cross_start >= 0:
+            if meta[g, META_KEYS] + (end - cross_start) * (n_max - n_min + 1) > cross_max_entries:
+                _clear_tables(g, keys, pairs, meta)
+            _consume(g, context, cross_start, end, n_min, n_max, keys, pairs, meta, cross_max_entries, fps,
+                     sink, False)
     return sink[0]
 
 

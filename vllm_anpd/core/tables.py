@@ -29,8 +29,12 @@ def _empty_pair_table():
     return np.zeros((_INITIAL_CAPACITY, K.PAIR_COLUMNS), np.int64)
 
 
+def _empty_context():
+    return np.zeros(_INITIAL_CAPACITY, np.int32)
+
+
 class _FoldThread:
-    """One daemon thread that runs the cross-request fold (a GIL-free kernel) after ``step`` has returned.
+    """One daemon thread that runs the fold (a GIL-free kernel) after ``step`` has returned.
 
     In an engine the fold then overlaps the target model's forward pass instead of delaying it. At most one
     fold is in flight; ``wait`` blocks until it is done (re-raising its error) and is called before anything
@@ -92,10 +96,11 @@ class NgramTables:
     drafts up to ``max_draft[r]`` tokens; the returned arrays are views of preallocated buffers, valid
     until the next call.
 
-    Generated tokens reach the cross-request table after the step's drafts (``kernels.fold_cross``): right
-    away inside ``step``, or with ``fold_in_background`` on a background thread that the next call to any
-    method waits for. The two give identical drafts and tables; the background one takes the fold off the
-    path between the target model's forward passes (the vLLM proposer uses it).
+    A step's new tokens are folded into the tables after its drafts (``kernels.fold_pending``; the drafts
+    count them without the tables): right away inside ``step``, or with ``fold_in_background`` on a
+    background thread that the next call to any method waits for. The two give identical drafts and
+    tables; the background one takes the fold off the path between the target model's forward passes (the
+    vLLM proposer uses it).
     """
 
     def __init__(self, params: AnpdParams, num_slots: int = 16, max_batch: int = 256,
@@ -109,6 +114,7 @@ class NgramTables:
         self._min_share = np.asarray(params.min_share, np.float64)
         self.keys = List()  # per slot: int64[cap, 4] key records (see kernels.py)
         self.pairs = List()  # per slot: int64[cap, 2] (key, successor) records
+        self.contexts = List()  # per slot: int32[cap], the request's tokens (the tables refer to positions)
         self.meta = np.zeros((0, K.META_COLUMNS), np.int64)
         self.calib = np.zeros((0, 2), np.float64)
         # Per slot and level: drafted, accepted. Levels 0..L-1 are the request's own tables, L..2L-1 the
@@ -130,27 +136,25 @@ class NgramTables:
         self._out_drafts = np.zeros((max_batch, params.num_speculative_tokens), np.int32)
         self._out_lens = np.zeros(max_batch, np.int32)
         self._fold_thread = None
-        if fold_in_background and self.cross_slot >= 0:
+        if fold_in_background:
             self._fold_thread = _FoldThread()
             weakref.finalize(self, self._fold_thread.stop)  # no thread outlives its tables
-        # Compile (or load) the fold now, not at the first generated token.
-        K.fold_cross(np.zeros(0, np.int32), np.zeros((0, 3), np.int64), self.cross_slot, params.n_min,
-                     params.n_max, params.cross_request_entries, self.keys, self.pairs, self.meta)
+        # Compile (or load) the fold now, not at the first step.
+        self._fold(np.zeros((0, 4), np.int64), background=False)
 
     def settle(self) -> None:
         """Wait for a background fold in flight (every method does, before touching the tables)."""
         if self._fold_thread is not None:
             self._fold_thread.wait()
 
-    def _fold(self, cross_tokens: np.ndarray, cross_segments: np.ndarray) -> None:
-        if self.cross_slot < 0 or not cross_segments.shape[0]:
-            return
-        args = (cross_tokens, cross_segments, self.cross_slot, self.params.n_min, self.params.n_max,
-                self.params.cross_request_entries, self.keys, self.pairs, self.meta)
-        if self._fold_thread is None:
-            K.fold_cross(*args)
+    def _fold(self, pending: np.ndarray, background: bool) -> None:
+        p = self.params
+        args = (pending, p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot, p.cross_request_entries,
+                self.keys, self.pairs, self.contexts, self.meta)
+        if background and self._fold_thread is not None:
+            self._fold_thread.submit(K.fold_pending, *args)
         else:
-            self._fold_thread.submit(K.fold_cross, *args)
+            K.fold_pending(*args)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -178,6 +182,7 @@ class NgramTables:
         self.released_level_stats += self.level_stats[slot]
         self.keys[slot] = _empty_key_table()
         self.pairs[slot] = _empty_pair_table()
+        self.contexts[slot] = _empty_context()
         K.reset_slot(slot, self.keys, self.pairs, self.meta, self.calib, self.level_stats, self.last_draft,
                      self.last_cell)
         self._free.append(slot)
@@ -188,6 +193,7 @@ class NgramTables:
         for _ in range(extra):
             self.keys.append(_empty_key_table())
             self.pairs.append(_empty_pair_table())
+            self.contexts.append(_empty_context())
 
         def grow(a):
             return np.concatenate([a, np.zeros((extra,) + a.shape[1:], a.dtype)])
@@ -217,12 +223,13 @@ class NgramTables:
         if token_ids.dtype != np.int32:
             token_ids = self._as_int32_tokens(token_ids)
         p = self.params
-        _, cross_tokens, cross_segments = K.step_batch(
+        _, pending = K.step_batch(
             token_ids, num_tokens, slots, max_draft, p.n_min, p.n_max, self._min_count, self._min_share,
             self.cross_slot, self._min_count_cross, p.stop_probability if stop_probability is None else stop_probability,
-            p.max_entries_per_request, self.keys, self.pairs, self.meta, self.calib, self.level_stats,
-            self.cell_stats, self.last_draft, self.last_cell, self._out_drafts, self._out_lens)
-        self._fold(cross_tokens, cross_segments)
+            p.max_entries_per_request, self.keys, self.pairs, self.contexts, self.meta, self.calib,
+            self.level_stats, self.cell_stats, self.last_draft, self.last_cell, self._out_drafts, self._out_lens)
+        if pending.shape[0]:
+            self._fold(pending, background=True)
         return self._out_drafts[:batch], self._out_lens[:batch]
 
     @staticmethod
@@ -236,14 +243,14 @@ class NgramTables:
     def bytes_in_use(self) -> int:
         """Bytes held by all tables and per-slot arrays (live and free slots)."""
         self.settle()
-        total = sum(a.nbytes for lst in (self.keys, self.pairs) for a in lst)
+        total = sum(a.nbytes for lst in (self.keys, self.pairs, self.contexts) for a in lst)
         total += sum(a.nbytes for a in (self.meta, self.calib, self.level_stats, self.last_draft,
                                          self.last_cell, self.cell_stats, self._out_drafts, self._out_lens))
         return int(total)
 
     def slot_bytes(self, slot: int) -> int:
         self.settle()
-        return int(self.keys[slot].nbytes + self.pairs[slot].nbytes)
+        return int(self.keys[slot].nbytes + self.pairs[slot].nbytes + self.contexts[slot].nbytes)
 
     def stats(self) -> dict:
         """Totals over live and released requests: drafts, tokens, acceptance, per-level figures."""
