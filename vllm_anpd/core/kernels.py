@@ -73,6 +73,12 @@ CALIBRATION_DECAY = 0.97
 
 MAX_LOAD_NUM, MAX_LOAD_DEN = 3, 4  # tables grow past 75 % load
 
+# Helpers called per token or per level are compiled with ``_nrt=False``: they only read and write arrays
+# their caller holds, and with numba's reference counting every array argument costs an atomic increment
+# and decrement per call (a perf profile of a warm draft step at batch 64: about half its time in them;
+# the drafting part of a 16k x 64 step is ~20 % faster without). Functions that allocate, or take a slot's
+# table out of a typed list, keep it.
+
 # A step's new tokens are folded into the request's own tables after its draft (off the path between two
 # forward passes, see ``step_batch``); the draft counts them by comparing fingerprints. Steps that bring more
 # (a prompt, a resumed request) fold them first: counting a long window at every lookup would cost more.
@@ -160,7 +166,7 @@ def _regrow(table, new_cap):
     return new
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _entry_limit(cap, max_entries):
     limit = (cap * MAX_LOAD_NUM) // MAX_LOAD_DEN
     if max_entries > 0 and max_entries < limit:
@@ -185,7 +191,7 @@ def _room_for(table, used, extra, max_entries):
     return _regrow(table, table_capacity_for(grown))
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _pair_row(pairs, pf, meta, s, limit):
     """Row of pair ``pf`` in ``pairs``, inserted with count 0 if new; -1 if new and the table is full."""
     pi = _probe(pairs, pf)
@@ -200,7 +206,7 @@ def _pair_row(pairs, pf, meta, s, limit):
     return pi
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _new_key(s, keys, ki, fp, token, total, meta, max_entries):
     """Store key ``fp`` in the empty row ``-1 - ki`` (what ``_probe`` returned) with one successor ``token``;
     ``total`` is 1, or ``-1 - position`` for a key of the request's own tables seen once (see ``_consume``).
@@ -217,7 +223,7 @@ def _new_key(s, keys, ki, fp, token, total, meta, max_entries):
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _count(s, ki, fp, token, keys, pairs, meta, max_entries):
     """Count one more occurrence of ``token`` after the key ``fp`` stored in row ``ki`` (total >= 1)."""
     top = keys[ki, KEY_TOP]
@@ -304,7 +310,7 @@ def _consume(s, row, start, end, n_min, n_max, keys, pairs, meta, max_entries, f
     sink[0] += touched
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _cell(level, top_count, total):
     c = top_count
     b = 0
@@ -321,7 +327,7 @@ def _cell_probability(cell_stats, cell):
     return (cell_stats[cell, 1] + PRIOR_ACCEPTED) / (cell_stats[cell, 0] + PRIOR_REACHED)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _feedback(s, row, start, end, last_draft, last_cell, meta, calib, level_stats, cell_stats):
     """Score the previous draft of slot ``s`` against the tokens the target model produced.
 
@@ -353,27 +359,28 @@ def _feedback(s, row, start, end, last_draft, last_cell, meta, calib, level_stat
     meta[s, META_ACCEPTED] += accepted
 
 
-@njit(cache=True)
-def _lookup(kt, fps, longest, n_min, n_max, min_count, min_share, sink):
+@njit(cache=True, _nrt=False)
+def _lookup(kt, fps, longest, n_min, n_max, min_count, min_share, level_rows):
     """Highest level whose key (fingerprint ``fps[n - 1]``, keys up to length ``longest``) is in the table
     (one that stores every key: the cross-request table) and passes the gate.
+
+    A key in the table implies its shorter keys are (each position was counted at every level), so the
+    levels are walked up from the shortest key and the walk stops at the first key not in the table: most
+    chains match short keys only, and the longer levels' cells are never touched.
 
     Returns ``(level index or -1, top token, top count, total count, highest level whose key is in the
     table or -1)``.
     """
     top_lv = min(longest - n_min + 1, n_max - n_min)
-    mask = kt.shape[0] - 1
-    touched = np.int64(0)
-    for lv in range(top_lv, -1, -1):  # start every level's cache misses before walking them in order
-        touched += kt[fps[n_min + lv - 1] & mask, KEY_TOP]
-    sink[0] += touched
     matched = -1
-    for lv in range(top_lv, -1, -1):
+    for lv in range(top_lv + 1):
         ki = _probe(kt, fps[n_min + lv - 1])
         if ki < 0:
-            continue
-        if matched < 0:
-            matched = lv
+            break
+        level_rows[lv] = ki
+        matched = lv
+    for lv in range(matched, -1, -1):
+        ki = level_rows[lv]
         top_count = kt[ki, KEY_TOP_COUNT]
         total = kt[ki, KEY_TOTAL]
         if top_count < min_count[lv] or top_count < min_share[lv] * total:
@@ -382,58 +389,67 @@ def _lookup(kt, fps, longest, n_min, n_max, min_count, min_share, sink):
     return -1, 0, 0, 0, matched
 
 
-@njit(cache=True)
-def _lookup_own(kt, pt, fps, longest, n_min, n_max, min_count, min_share, sink, chain, chain_len, context,
-                win_start, win_end, win_fps, cand_token, cand_count):
+@njit(cache=True, _nrt=False)
+def _lookup_own(kt, pt, fps, longest, n_min, n_max, min_count, min_share, chain, chain_len, context,
+                win_start, win_end, win_fps, level_rows, cand_token, cand_count):
     """``_lookup`` for a request's own tables, which hold ``context[:win_start]`` lazily (see ``_consume``),
     plus the window ``context[win_start:win_end]`` not folded in yet (``win_fps[j, m]``: fingerprint of the
     key of length ``m`` before position ``win_start + j``). The result is what the tables would give with
     the window folded in: the window's occurrences come after every stored one, so they are added with the
     same incremental rule (highest count, ties to the most recent).
+
+    The walk up the levels goes on while the key is stored, or implicit (longer keys of a key seen once,
+    found by comparing tokens with its one occurrence), or in the window; ``level_rows[lv]`` keeps the
+    stored row of each level (-1: none, -2: implicit, like the key seen once at ``level_rows[n_max - 1]``).
     """
     top_lv = min(longest - n_min + 1, n_max - n_min)
-    mask = kt.shape[0] - 1
-    touched = np.int64(0)
-    for lv in range(top_lv, -1, -1):  # start every level's cache misses before walking them in order
-        touched += kt[fps[n_min + lv - 1] & mask, KEY_TOP]
-    sink[0] += touched
-    # The stored part: the highest stored key, and for a key seen once, how far its implicit longer keys
-    # match the chain (compared token by token; each was seen once, followed by the same token).
-    found = -1
-    found_row = -1
-    implicit_top = -1
-    for lv in range(top_lv, -1, -1):
-        ki = _probe(kt, fps[n_min + lv - 1])
-        if ki < 0:
-            continue
-        found = lv
-        found_row = ki
-        implicit_top = lv
-        total = kt[ki, KEY_TOTAL]
-        if total < 0:
-            first = -1 - total
-            m = n_min + lv - 1
-            while m < n_min + top_lv - 1 and m < first and chain[chain_len - m - 1] == context[first - m - 1]:
-                m += 1
-            implicit_top = m - n_min + 1
-        break
+    win = win_end - win_start
     matched = -1
-    for lv in range(top_lv, -1, -1):
+    stored = True  # the stored part still matches (a key not stored means no longer key is either)
+    once = -1  # row of the key seen once that the implicit keys extend
+    first = -1
+    for lv in range(top_lv + 1):
+        m = n_min + lv - 1
+        row = -1
+        if stored:
+            if once >= 0:
+                if m <= first and chain[chain_len - m] == context[first - m]:
+                    row = -2
+                else:
+                    stored = False
+            else:
+                ki = _probe(kt, fps[m])
+                if ki >= 0:
+                    row = ki
+                    total = kt[ki, KEY_TOTAL]
+                    if total < 0:
+                        once = ki
+                        first = -1 - total
+                else:
+                    stored = False
+        level_rows[lv] = row
+        if row == -1:
+            in_window = False
+            for j in range(win):
+                if m <= win_start + j and win_fps[j, m] == fps[m]:
+                    in_window = True
+                    break
+            if not in_window:
+                break
+        matched = lv
+    for lv in range(matched, -1, -1):
         m = n_min + lv - 1
         fp = fps[m]
-        ki = -1
-        if lv > implicit_top:  # not in the stored part
+        ki = level_rows[lv]
+        if ki == -1:
             top, top_count, total = 0, 0, 0
-        elif lv >= found and kt[found_row, KEY_TOTAL] < 0:  # the key seen once, or one of its implicit keys
-            top, top_count, total = kt[found_row, KEY_TOP], 1, 1
-        else:  # a stored key (below a stored key, every shorter key is stored)
-            ki = found_row if lv == found else _probe(kt, fp)
-            if ki < 0:  # only in a full, bounded table that dropped it
-                top, top_count, total = 0, 0, 0
-            else:
-                top, top_count, total = kt[ki, KEY_TOP], kt[ki, KEY_TOP_COUNT], kt[ki, KEY_TOTAL]
+        elif ki == -2 or kt[ki, KEY_TOTAL] < 0:  # the key seen once, or one of its implicit longer keys
+            top, top_count, total = kt[once, KEY_TOP], 1, 1
+            ki = -1  # its only successor is ``top``: no pair cells to read
+        else:
+            top, top_count, total = kt[ki, KEY_TOP], kt[ki, KEY_TOP_COUNT], kt[ki, KEY_TOTAL]
         candidates = 0
-        for j in range(win_end - win_start):
+        for j in range(win):
             if m > win_start + j or win_fps[j, m] != fp:
                 continue
             token = context[win_start + j]
@@ -451,13 +467,13 @@ def _lookup_own(kt, pt, fps, longest, n_min, n_max, min_count, min_share, sink, 
             while c < candidates and cand_token[c] != token:
                 c += 1
             if c == candidates:  # the first time the window has this successor: its stored count, if any
-                stored = 0
+                count = 0
                 if ki >= 0:
                     pi = _probe(pt, _pair_fingerprint(fp, token))
                     if pi >= 0:
-                        stored = pt[pi, 1]
+                        count = pt[pi, 1]
                 cand_token[c] = token
-                cand_count[c] = stored
+                cand_count[c] = count
                 candidates += 1
             cand_count[c] += 1
             total += 1
@@ -465,25 +481,22 @@ def _lookup_own(kt, pt, fps, longest, n_min, n_max, min_count, min_share, sink, 
                 top_count = cand_count[c]
             elif cand_count[c] >= top_count:
                 top, top_count = token, cand_count[c]
-        if total == 0:
-            continue
-        if matched < 0:
-            matched = lv
         if top_count < min_count[lv] or top_count < min_share[lv] * total:
             continue
         return lv, top, top_count, total, matched
     return -1, 0, 0, 0, matched
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _draft(s, g, r, context, num_tokens, k, n_min, n_max, min_count, min_share, cross_min_count, stop_probability,
-           keys, pairs, last_draft, last_cell, meta, calib, level_stats, cell_stats, buf, fps, out, sink,
-           win_start, win_fps, cand_token, cand_count):
+           own, own_pairs, cross, last_draft, last_cell, meta, calib, level_stats, cell_stats, buf, fps, out,
+           win_start, win_fps, level_rows, cand_token, cand_count):
     """Chain up to ``k`` tokens after ``context[:num_tokens]`` into ``out[r]``; returns the draft length.
-    The request's own tables hold ``context[:win_start]``; the rest is counted from ``win_fps``.
+    The request's own tables (``own``, ``own_pairs``) hold ``context[:win_start]``; the rest is counted
+    from ``win_fps``.
 
-    Each token comes from the request's own tables (slot ``s``) or from the cross-request table (slot ``g``,
-    if ``g >= 0``, with its own minimum count): the shared table is asked when none of the request's levels
+    Each token comes from the request's own tables (slot ``s``) or from the cross-request table (``cross``,
+    slot ``g``, if ``g >= 0``, with its own minimum count): the shared table is asked when none of the request's levels
     passes the gate, or when the best that does is one of the ``CROSS_COMPETES_BELOW`` lowest; then its
     candidate wins if its (level, count, share) cell has the higher acceptance estimate (a long key seen in
     many earlier outputs beats a short key seen once in this request; replay: MAT +1.8 % at batch 1).
@@ -504,21 +517,18 @@ def _draft(s, g, r, context, num_tokens, k, n_min, n_max, min_count, min_share, 
     # key that matched one token earlier: the levels above cannot match and are not probed. (Not for the
     # cross-request table, which holds generated tokens only, without the prompt tokens before them.)
     own_longest = n_max - 1
-    own = keys[s]  # fetched once: a typed-list lookup costs ~50 ns, more than a cached table probe
-    own_pairs = pairs[s]
-    cross = keys[g] if g >= 0 else own
     for j in range(k):
         longest = min(blen, n_max - 1)
         key_fingerprints(buf, blen, longest, fps)
         level, top, top_count, total, own_match = _lookup_own(
-            own, own_pairs, fps, min(longest, own_longest), n_min, n_max, min_count, min_share, sink, buf, blen,
-            context, win_start, num_tokens, win_fps, cand_token, cand_count)
+            own, own_pairs, fps, min(longest, own_longest), n_min, n_max, min_count, min_share, buf, blen,
+            context, win_start, num_tokens, win_fps, level_rows, cand_token, cand_count)
         matched = own_match >= 0
         own_longest = max(n_min + own_match, n_min - 1)
         cell = _cell(level, top_count, total) if level >= 0 else -1
         if g >= 0 and level < CROSS_COMPETES_BELOW:
             lv, c_top, c_count, c_total, cross_match = _lookup(cross, fps, longest, n_min, n_max,
-                                                               cross_min_count, min_share, sink)
+                                                               cross_min_count, min_share, level_rows)
             matched = matched or cross_match >= 0
             if lv >= 0:
                 c_cell = _cell(num_levels + lv, c_count, c_total)
@@ -597,12 +607,14 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
     buf = np.empty(n_max - 1 + out_drafts.shape[1], np.int32)  # the chain being drafted
     fps = np.empty(n_max, np.int64)  # key fingerprints of every level at one position
     win_fps = np.empty((MAX_WINDOW, n_max), np.int64)  # ... at every position of the window
+    level_rows = np.empty(n_max, np.int64)  # a lookup's table row per level
     cand_token = np.empty(MAX_WINDOW + 1, np.int32)  # successors of one key, while counting the window
     cand_count = np.empty(MAX_WINDOW + 1, np.int64)
     sink = np.zeros(1, np.int64)
     g = cross_slot
     pending = np.empty((slots.size, 4), np.int64)
     num_pending = 0
+    cross = keys[g] if g >= 0 else keys[0]  # fetched once: a typed-list lookup costs two atomic operations
     for r in range(slots.size):
         out_lens[r] = 0
         s = slots[r]
@@ -634,9 +646,10 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
         for j in range(n - start):
             key_fingerprints(context, start + j, min(n_max - 1, start + j), win_fps[j])
         out_lens[r] = _draft(s, g, r, context, n, k, n_min, n_max, min_count, min_share, cross_min_count,
-                             stop_probability, keys, pairs, last_draft, last_cell, meta, calib,
-                             level_stats, cell_stats, buf, fps, out_drafts, sink, start, win_fps,
-                             cand_token, cand_count)
+                             stop_probability, keys[s], pairs[s], cross if g >= 0 else keys[s],
+                             last_draft, last_cell, meta, calib,
+                             level_stats, cell_stats, buf, fps, out_drafts, start, win_fps,
+                             level_rows, cand_token, cand_count)
     return sink[0], pending[:num_pending]
 
 
