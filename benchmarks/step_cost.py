@@ -7,14 +7,17 @@ Each request's context is real text (Spec-Bench prompts and reference outputs ti
 prompts alone if the references are not cached). ANPD first folds the context in (not timed, that is prefill); then each
 timed step appends two tokens per request (one accepted draft token + the bonus token) and drafts k = 8,
 as an engine step does; the cross-request table starts half full of other text (its average in a server
-that has run a while). vLLM's ngram proposer rescans the context at every step. Between two steps both
-wait ``--forward-gap-us`` (2 ms), a stand-in for the target model's forward pass: that is when ANPD's
-proposer folds the step's tokens into the shared table, on a background thread. The figures are the median
+that has run a while). vLLM's ngram proposer rescans the context at every step. Steps run back to back
+(``--forward-gap-us`` adds a busy pause, a stand-in for the forward pass). The figures are the median
 microseconds per step of a run, the lowest over ``--repeats`` runs, ANPD and ngram alternating (this shared
-2-core VM drifts by tens of percent between runs): ANPD's time between forward passes (``anpd_us``, what
-delays the engine) and, from a run with the shared-table fold done inside the step, its whole per-step
-work (``anpd_total_us``). Writes ``benchmarks/results/<out>.{json,md,png}`` (``--out`` defaults to
-``step_cost``).
+2-core VM drifts by tens of percent between runs). Two ANPD figures:
+
+* ``anpd_us``, what delays the engine: ANPD as the vLLM proposer runs it, drafting first and folding the
+  step's tokens into its tables on a background thread while the target model runs (here: while the
+  next step waits for it, which is not counted);
+* ``anpd_total_us``, all of its work: the same with the fold done inside the step.
+
+Writes ``benchmarks/results/<out>.{json,md,png}`` (``--out`` defaults to ``step_cost``).
 """
 
 from __future__ import annotations
@@ -88,6 +91,15 @@ def warm_cross_request_table(tables: NgramTables, chunk: int = 4096) -> None:
     tables.release(slot)
 
 
+def forward_pass(seconds: float) -> None:
+    """Stand-in for the target model's forward pass: the engine thread stays busy (a sleeping thread lets
+    this VM's core idle, and the first microseconds after waking run several times slower for any code,
+    ANPD's and ngram's alike), and yields the GIL so that a background thread can run meanwhile."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        time.sleep(0)
+
+
 def time_anpd(tokens, context, batch, steps, overrides, gap, background):
     tables = NgramTables(AnpdParams(num_speculative_tokens=K, **overrides), num_slots=batch, max_batch=batch,
                          fold_in_background=background)
@@ -99,9 +111,13 @@ def time_anpd(tokens, context, batch, steps, overrides, gap, background):
     for s in range(1, steps + 1):
         n = np.full(batch, context + 2 * s, np.int32)
         t0 = time.perf_counter()
+        tables.settle()  # the last step's background fold: in an engine, done during the forward pass
+        t1 = time.perf_counter()
         tables.step(tokens, n, slots, max_draft)
-        times.append(time.perf_counter() - t0)
-        time.sleep(gap)  # the forward pass
+        t2 = time.perf_counter()
+        times.append(t2 - (t1 if background else t0))
+        forward_pass(gap)
+    tables.settle()
     shared = tables.slot_bytes(tables.cross_slot) if tables.cross_slot >= 0 else 0  # not per request
     per_token = (tables.bytes_in_use() - shared) / (batch * (context + 2 * steps))
     return float(np.median(times) * 1e6), per_token
@@ -123,7 +139,7 @@ def time_vllm_ngram(tokens, context, batch, steps, gap):
         t0 = time.perf_counter()
         proposer.propose(K, sampled, n, tokens)
         times.append(time.perf_counter() - t0)
-        time.sleep(gap)  # the forward pass
+        forward_pass(gap)
     return float(np.median(times) * 1e6)
 
 
@@ -133,8 +149,8 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3, help="runs per point; the fastest run's median is kept")
-    ap.add_argument("--forward-gap-us", type=float, default=2000.0,
-                    help="pause between steps, standing in for the forward pass (0: back to back)")
+    ap.add_argument("--forward-gap-us", type=float, default=0.0,
+                    help="busy pause between steps, standing in for the forward pass (0: back to back)")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--anpd", default="{}", help="JSON of AnpdParams overrides, e.g. '{\"cross_request_entries\": 0}'")
     ap.add_argument("--out", default="step_cost", help="results/<out>.{json,md,png}")
