@@ -465,7 +465,7 @@ def test_fold_thread_ends_with_its_tables_and_hands_errors_to_the_caller():
     from vllm_anpd.core.tables import _FoldThread
 
     def fold_threads():
-        return sum(t.name == "anpd-cross-fold" for t in threading.enumerate())
+        return sum(t.name == "anpd-fold" for t in threading.enumerate())
 
     before = fold_threads()
     t = NgramTables(_AnpdParams(), num_slots=2, fold_in_background=True)

@@ -49,7 +49,7 @@ class _FoldThread:
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._busy = False
         self._pid = os.getpid()
-        self._thread = threading.Thread(target=self._run, name="anpd-cross-fold", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="anpd-fold", daemon=True)
         self._thread.start()
 
     def submit(self, fn, *args) -> None:
