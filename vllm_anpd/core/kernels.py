@@ -10,6 +10,8 @@ Data layout (one *slot* per live request; see ``tables.py`` for the owner of the
 * ``pairs[s]`` int64[cap_p, 2]   table of (key, successor) pairs: fingerprint of (key fp, token), count.
                                   It holds the successors that are *not* their key's top: the top's count
                                   lives in the key record, and a pair cell of the current top is stale.
+* ``contexts[s]`` int32[cap]     the request's tokens (positions in the key records refer to it; the fold
+                                  reads it, never the caller's buffer).
 
 Because counts only grow by one at a time, the top successor can be maintained incrementally with the
 rule "highest count, ties to the most recent": when a successor's count reaches the current top count,
