@@ -347,6 +347,22 @@ def test_cross_request_table_drafts_from_earlier_outputs():
     assert run_single(t, c, [60, 61, 50], 3) == []  # prompts (50 -> 51) are not shared
 
 
+def test_cross_request_table_learns_a_step_with_more_new_tokens_than_the_draft_window():
+    """A step that brings more new tokens than the draft counts unfolded (a resumed request, a long accepted
+    draft) folds them before drafting; its generated tokens must still reach the shared table."""
+    from vllm_anpd.core import kernels
+
+    p = AnpdParams(num_speculative_tokens=3, n_min=2, n_max=3, cross_request_entries=10_000, cross_min_count=1)
+    t = make_tables(p)
+    a = t.acquire()
+    run_single(t, a, [50, 51], 0)
+    out = list(range(100, 100 + kernels.MAX_WINDOW + 8))
+    run_single(t, a, [50, 51] + out, 0)  # all generated tokens in one step
+    t.release(a)
+    b = t.acquire()
+    assert run_single(t, b, [60, 61, 110], 3) == [111, 112, 113]
+
+
 def test_cross_request_candidate_wins_only_with_the_better_acceptance_record():
     """When the request's own tables and the shared table both know a successor, the one whose (level, count,
     share) cell has accepted more often is drafted; with equal records, the request's own."""

@@ -253,24 +253,23 @@ def _count(s, ki, fp, token, keys, pairs, meta, max_entries):
 
 
 @njit(cache=True)
-def _consume(s, row, start, end, n_min, n_max, keys, pairs, meta, max_entries, fps, sink, lazy):
+def _consume(s, row, start, end, n_min, n_max, keys, pairs, meta, max_entries, fps, child, sink, lazy):
     """Fold tokens ``row[start:end]`` (each as a successor of the keys before it) into slot ``s``.
 
     ``lazy`` (a request's own tables, whose ``row`` is the request's whole context): a key seen once is
     stored with the position of that occurrence (``KEY_TOTAL = -1 - position``) and its longer keys are not
     stored; they exist implicitly (each was seen once, at that position, followed by the same token), and
-    ``_lookup`` finds them by comparing tokens. When the key is seen a second time, its one longer key at
+    ``_lookup_own`` finds them by comparing tokens. When the key is seen a second time, its one longer key at
     the first occurrence is stored (seen once, so itself lazily), and so on up the levels. A position then
     walks its levels from the shortest key and stops at the first key seen for the first time: in text most
     long keys are new, so this stores about half the records and touches fewer of them, with drafts
     identical to storing every key (the oracle tests). Eager (the cross-request table, which keeps no
-    context): every level is counted.
+    context): every level is counted. ``fps`` and ``child`` are scratch arrays of ``n_max`` fingerprints.
     """
     num_levels = n_max - n_min + 1
     touched = np.int64(0)
     kt = keys[s]
     pt = pairs[s]
-    child = np.empty(n_max, np.int64)
     for pos in range(start, end):
         token = row[pos]
         longest = min(n_max - 1, pos)
@@ -401,8 +400,8 @@ def _lookup_own(kt, pt, fps, longest, n_min, n_max, min_count, min_share, chain,
     same incremental rule (highest count, ties to the most recent).
 
     The walk up the levels goes on while the key is stored, or implicit (longer keys of a key seen once,
-    found by comparing tokens with its one occurrence), or in the window; ``level_rows[lv]`` keeps the
-    stored row of each level (-1: none, -2: implicit, like the key seen once at ``level_rows[n_max - 1]``).
+    found by comparing tokens with its one occurrence), or in the window; ``level_rows[lv]`` keeps each
+    level's stored row (-1: not stored, -2: an implicit key, whose successor is that of the key seen once).
     """
     top_lv = min(longest - n_min + 1, n_max - n_min)
     win = win_end - win_start
@@ -498,8 +497,8 @@ def _draft(s, g, r, context, num_tokens, k, n_min, n_max, min_count, min_share, 
     from ``win_fps``.
 
     Each token comes from the request's own tables (slot ``s``) or from the cross-request table (``cross``,
-    slot ``g``, if ``g >= 0``, with its own minimum count): the shared table is asked when none of the request's levels
-    passes the gate, or when the best that does is one of the ``CROSS_COMPETES_BELOW`` lowest; then its
+    slot ``g``, if ``g >= 0``, with its own minimum count): the shared table is asked when none of the
+    request's levels passes the gate, or when the best that does is one of the ``CROSS_COMPETES_BELOW`` lowest; then its
     candidate wins if its (level, count, share) cell has the higher acceptance estimate (a long key seen in
     many earlier outputs beats a short key seen once in this request; replay: MAT +1.8 % at batch 1).
     Levels of the cross-request table are numbered after the request's own in the statistics and the cells.
@@ -608,6 +607,7 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
     """
     buf = np.empty(n_max - 1 + out_drafts.shape[1], np.int32)  # the chain being drafted
     fps = np.empty(n_max, np.int64)  # key fingerprints of every level at one position
+    child = np.empty(n_max, np.int64)
     win_fps = np.empty((MAX_WINDOW, n_max), np.int64)  # ... at every position of the window
     level_rows = np.empty(n_max, np.int64)  # a lookup's table row per level
     cand_token = np.empty(MAX_WINDOW + 1, np.int32)  # successors of one key, while counting the window
@@ -633,13 +633,14 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
             meta[s, META_SEEN] = n
         start = meta[s, META_CONSUMED]
         if n - start > MAX_WINDOW:
-            _consume(s, context, start, n, n_min, n_max, keys, pairs, meta, max_entries, fps, sink, True)
+            _consume(s, context, start, n, n_min, n_max, keys, pairs, meta, max_entries, fps, child, sink, True)
             start = n
-        if n > start or (g >= 0 and seen > 0 and n > seen):
+        cross_start = seen if g >= 0 and 0 < seen < n else -1  # generated tokens, not a prompt
+        if n > start or cross_start >= 0:
             pending[num_pending, 0] = s
             pending[num_pending, 1] = start
             pending[num_pending, 2] = n
-            pending[num_pending, 3] = seen if g >= 0 and seen > 0 and n > seen else -1
+            pending[num_pending, 3] = cross_start
             num_pending += 1
         k = min(max_draft[r], out_drafts.shape[1])
         if k <= 0 or n <= 0:
@@ -666,18 +667,20 @@ def fold_pending(pending, n_min, n_max, max_entries, cross_slot, cross_max_entri
     writes the tables until it returns. Returns a checksum, as ``step_batch``.
     """
     fps = np.empty(n_max, np.int64)
+    child = np.empty(n_max, np.int64)
     sink = np.zeros(1, np.int64)
     g = cross_slot
     for i in range(pending.shape[0]):
         s, start, end, cross_start = pending[i, 0], pending[i, 1], pending[i, 2], pending[i, 3]
         context = contexts[s]
         if end > start:
-            _consume(s, context, start, end, n_min, n_max, keys, pairs, meta, max_entries, fps, sink, True)
+            _consume(s, context, start, end, n_min, n_max, keys, pairs, meta, max_entries, fps, child, sink,
+                     True)
         if g >= 0 and cross_start >= 0:
             if meta[g, META_KEYS] + (end - cross_start) * (n_max - n_min + 1) > cross_max_entries:
                 _clear_tables(g, keys, pairs, meta)
             _consume(g, context, cross_start, end, n_min, n_max, keys, pairs, meta, cross_max_entries, fps,
-                     sink, False)
+                     child, sink, False)
     return sink[0]
 
 
