@@ -6,8 +6,8 @@ vLLM builds it through the ``custom_class`` route (``"method": "anpd"`` is route
 
 Lifecycle, keyed by request id (rows move every step):
 * first step of a request: a slot is acquired and built from the prompt (inside the same kernel call);
-* every step: the tokens appended since the last step are folded in, then a draft is made; the cross-request
-  table learns them afterwards, on a background thread, while the target model runs;
+* every step: a draft is made that counts the tokens appended since the last step; the request's tables and
+  the cross-request table learn them afterwards, on a background thread, while the target model runs;
 * partial prefill (empty ``sampled_token_ids[i]``): nothing is drafted and nothing is consumed;
 * preemption: the request leaves the batch but stays in the runner's ``requests``; its slot is kept;
 * finished or aborted: its id leaves the runner's ``requests`` (vLLM's ``_update_states``, at the next engine
@@ -77,7 +77,7 @@ class AnpdProposer:
         a new slot, rebuilt from its whole context."""
         self._slot_of.clear()
         self._owner.clear()
-        # The shared table learns each step's tokens on a background thread, while the target model verifies.
+        # The tables learn each step's tokens on a background thread, while the target model verifies.
         self.tables = NgramTables(self.params, num_slots=self._max_num_seqs, max_batch=self._max_num_seqs,
                                   fold_in_background=True)
         self._warm_up(self._max_num_seqs)

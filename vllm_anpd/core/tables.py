@@ -92,8 +92,8 @@ class _FoldThread:
 class NgramTables:
     """Multi-level n-gram tables for up to ``num_slots`` concurrent requests (grows when more are live).
 
-    ``step(token_ids, num_tokens, slots, max_draft)`` folds each row's new tokens into its slot and
-    drafts up to ``max_draft[r]`` tokens; the returned arrays are views of preallocated buffers, valid
+    ``step(token_ids, num_tokens, slots, max_draft)`` drafts up to ``max_draft[r]`` tokens per row and
+    folds each row's new tokens into its slot; the returned arrays are views of preallocated buffers, valid
     until the next call.
 
     A step's new tokens are folded into the tables after its drafts (``kernels.fold_pending``; the drafts
