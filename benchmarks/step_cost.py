@@ -7,14 +7,15 @@ Each request's context is real text (Spec-Bench prompts and reference outputs ti
 prompts alone if the references are not cached). ANPD first folds the context in (not timed, that is prefill); then each
 timed step appends two tokens per request (one accepted draft token + the bonus token) and drafts k = 8,
 as an engine step does; the cross-request table starts half full of other text (its average in a server
-that has run a while). vLLM's ngram proposer rescans the context at every step. Steps run back to back
-(``--forward-gap-us`` adds a busy pause, a stand-in for the forward pass). The figures are the median
-microseconds per step of a run, the lowest over ``--repeats`` runs, ANPD and ngram alternating (this shared
-2-core VM drifts by tens of percent between runs). Two ANPD figures:
+that has run a while). vLLM's ngram proposer rescans the context at every step. The proposers take turns
+at every step, on the same contexts, back to back (``--forward-gap-us`` adds a busy pause, a stand-in for
+the forward pass): this shared 2-core VM drifts by tens of percent within a minute, and taking turns keeps
+that drift out of the ratios. The figures are the median microseconds per step of a run, the lowest over
+``--repeats`` runs. Two ANPD figures:
 
 * ``anpd_us``, what delays the engine: ANPD as the vLLM proposer runs it, drafting first and folding the
-  step's tokens into its tables on a background thread while the target model runs (here: while the
-  next step waits for it, which is not counted);
+  step's tokens into its tables on a background thread while the target model runs (here: after the
+  timed step, waited for before the next proposer's turn, so that it overlaps nothing measured);
 * ``anpd_total_us``, all of its work: the same with the fold done inside the step.
 
 Writes ``benchmarks/results/<out>.{json,md,png}`` (``--out`` defaults to ``step_cost``).
@@ -100,47 +101,76 @@ def forward_pass(seconds: float) -> None:
         time.sleep(0)
 
 
-def time_anpd(tokens, context, batch, steps, overrides, gap, background):
-    tables = NgramTables(AnpdParams(num_speculative_tokens=K, **overrides), num_slots=batch, max_batch=batch,
-                         fold_in_background=background)
-    warm_cross_request_table(tables)
-    slots = np.array([tables.acquire() for _ in range(batch)], np.int32)
-    max_draft = np.full(batch, K, np.int32)
-    tables.step(tokens, np.full(batch, context, np.int32), slots, max_draft)  # prefill, not timed
-    times = []
-    for s in range(1, steps + 1):
-        n = np.full(batch, context + 2 * s, np.int32)
+class AnpdRunner:
+    """ANPD on one batch: prefilled at construction (not timed), then one timed step per call."""
+
+    def __init__(self, tokens, context, batch, overrides, background):
+        self.tables = NgramTables(AnpdParams(num_speculative_tokens=K, **overrides), num_slots=batch,
+                                  max_batch=batch, fold_in_background=background)
+        self.background = background
+        warm_cross_request_table(self.tables)
+        self.slots = np.array([self.tables.acquire() for _ in range(batch)], np.int32)
+        self.max_draft = np.full(batch, K, np.int32)
+        self.tokens = tokens
+        self.tables.step(tokens, np.full(batch, context, np.int32), self.slots, self.max_draft)  # prefill
+        self.tables.settle()
+
+    def step(self, num_tokens) -> float:
         t0 = time.perf_counter()
-        tables.settle()  # the last step's background fold: in an engine, done during the forward pass
-        t1 = time.perf_counter()
-        tables.step(tokens, n, slots, max_draft)
-        t2 = time.perf_counter()
-        times.append(t2 - (t1 if background else t0))
-        forward_pass(gap)
-    tables.settle()
-    shared = tables.slot_bytes(tables.cross_slot) if tables.cross_slot >= 0 else 0  # not per request
-    per_token = (tables.bytes_in_use() - shared) / (batch * (context + 2 * steps))
-    return float(np.median(times) * 1e6), per_token
+        self.tables.step(self.tokens, num_tokens, self.slots, self.max_draft)
+        elapsed = time.perf_counter() - t0
+        # The background fold: in an engine it runs during the forward pass. Here it is waited for outside
+        # the timed region, so that it overlaps nothing that is measured.
+        self.tables.settle()
+        return elapsed
+
+    def bytes_per_token(self, num_context_tokens) -> float:
+        tables = self.tables
+        shared = tables.slot_bytes(tables.cross_slot) if tables.cross_slot >= 0 else 0  # not per request
+        return (tables.bytes_in_use() - shared) / num_context_tokens
 
 
-def time_vllm_ngram(tokens, context, batch, steps, gap):
-    from vllm.v1.spec_decode.ngram_proposer import NgramProposer
+class NgramRunner:
+    """vLLM's ``NgramProposer`` on the same batch (prompt_lookup_min 2, max 5, k = 8)."""
 
-    cfg = SimpleNamespace(
-        speculative_config=SimpleNamespace(prompt_lookup_min=2, prompt_lookup_max=5, num_speculative_tokens=K),
-        model_config=SimpleNamespace(max_model_len=tokens.shape[1] + K + 1),
-        scheduler_config=SimpleNamespace(max_num_seqs=batch),
-        parallel_config=SimpleNamespace(tensor_parallel_size=1))
-    proposer = NgramProposer(cfg)
-    sampled = [[0]] * batch
-    times = []
-    for s in range(1, steps + 1):
-        n = np.full(batch, context + 2 * s, np.int32)
+    def __init__(self, tokens, batch):
+        from vllm.v1.spec_decode.ngram_proposer import NgramProposer
+
+        cfg = SimpleNamespace(
+            speculative_config=SimpleNamespace(prompt_lookup_min=2, prompt_lookup_max=5, num_speculative_tokens=K),
+            model_config=SimpleNamespace(max_model_len=tokens.shape[1] + K + 1),
+            scheduler_config=SimpleNamespace(max_num_seqs=batch),
+            parallel_config=SimpleNamespace(tensor_parallel_size=1))
+        self.proposer = NgramProposer(cfg)
+        self.sampled = [[0]] * batch
+        self.tokens = tokens
+
+    def step(self, num_tokens) -> float:
         t0 = time.perf_counter()
-        proposer.propose(K, sampled, n, tokens)
-        times.append(time.perf_counter() - t0)
-        forward_pass(gap)
-    return float(np.median(times) * 1e6)
+        self.proposer.propose(K, self.sampled, num_tokens, self.tokens)
+        return time.perf_counter() - t0
+
+
+def run_point(tokens, context, batch, steps, overrides, gap, with_ngram):
+    """One run: ANPD (fold in the background), ANPD (fold in the step) and vLLM ngram take turns at every
+    step, in rotating order, on the same contexts; returns each one's median microseconds per step and
+    ANPD's state bytes per context token. Taking turns step by step keeps this VM's drift (tens of percent
+    within a minute) out of their ratios."""
+    runners = {"anpd_us": AnpdRunner(tokens, context, batch, overrides, True),
+               "anpd_total_us": AnpdRunner(tokens, context, batch, overrides, False)}
+    if with_ngram:
+        runners["vllm_ngram_us"] = NgramRunner(tokens, batch)
+    names = list(runners)
+    times = {name: [] for name in names}
+    for s in range(1, steps + 1):
+        num_tokens = np.full(batch, context + 2 * s, np.int32)  # one accepted draft token + the bonus token
+        for i in range(len(names)):
+            name = names[(s + i) % len(names)]
+            times[name].append(runners[name].step(num_tokens))
+            forward_pass(gap)
+    result = {name: float(np.median(t) * 1e6) for name, t in times.items()}
+    result["anpd_state_bytes_per_token"] = runners["anpd_us"].bytes_per_token(batch * (context + 2 * steps))
+    return result
 
 
 def main():
@@ -160,17 +190,14 @@ def main():
     grid = [(c, b) for b in args.batches for c in args.contexts]
     for context, batch in tqdm(grid, desc="step cost"):
         tokens = make_batch(context, batch, args.steps)
-        anpd_us, total_us, ngram_us = float("inf"), float("inf"), None
         gap = args.forward_gap_us * 1e-6
-        for _ in range(args.repeats):
-            us, bytes_per_token = time_anpd(tokens, context, batch, args.steps, overrides, gap, True)
-            anpd_us = min(anpd_us, us)
-            total_us = min(total_us, time_anpd(tokens, context, batch, args.steps, overrides, gap, False)[0])
-            if not args.skip_vllm:
-                us = time_vllm_ngram(tokens, context, batch, args.steps, gap)
-                ngram_us = us if ngram_us is None else min(ngram_us, us)
-        rows.append(dict(context=context, batch=batch, anpd_us=anpd_us, anpd_total_us=total_us,
-                         vllm_ngram_us=ngram_us, anpd_state_bytes_per_token=bytes_per_token))
+        runs = [run_point(tokens, context, batch, args.steps, overrides, gap, not args.skip_vllm)
+                for _ in range(args.repeats)]
+        row = dict(context=context, batch=batch)
+        for name in ("anpd_us", "anpd_total_us", "vllm_ngram_us"):
+            row[name] = min(r[name] for r in runs) if name in runs[0] else None
+        row["anpd_state_bytes_per_token"] = runs[0]["anpd_state_bytes_per_token"]
+        rows.append(row)
         del tokens
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

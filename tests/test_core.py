@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_anpd.core import NgramTables
-from vllm_anpd.core import oracle
+from vllm_anpd.core import kernels, oracle
 from vllm_anpd.core.config import PAPER
 from vllm_anpd.core.config import AnpdParams as _AnpdParams
 
@@ -471,6 +471,45 @@ def test_background_fold_drafts_exactly_what_the_synchronous_fold_drafts(seed):
     g = sync.cross_slot
     np.testing.assert_array_equal(sync.keys[g], background.keys[g])
     np.testing.assert_array_equal(sync.pairs[g], background.pairs[g])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_hot_path_follows_every_array_the_tables_replace(seed):
+    """The step reads each slot's arrays through their recorded addresses (``kernels.VIEW_*``), not through
+    the lists that own them. Contexts and tables here outgrow their arrays many times (in the step and in
+    the background fold), slots are released, reused and added: every draft must still equal the oracle's
+    (a stale address would read freed memory: wrong drafts or a crash)."""
+    rng = np.random.default_rng(seed)
+    p = _AnpdParams(num_speculative_tokens=6, n_min=2, n_max=5, cross_request_entries=0, stop_probability=0.0)
+    tables = NgramTables(p, num_slots=1, max_batch=8, fold_in_background=True)
+    live = {}  # slot -> the request's whole stream; its first ``n`` tokens are the context so far
+    growths = 0
+    for step in range(120):
+        while len(live) < 5:
+            stream = rng.integers(0, 4, 3000).tolist()
+            live[tables.acquire()] = [stream, int(rng.integers(0, 400))]
+        slots = np.array(sorted(live), np.int32)
+        for s in slots:  # a prompt's worth now and then, else a decode step
+            live[s][1] += int(rng.integers(30, 300)) if rng.random() < 0.2 else int(rng.integers(1, 8))
+        width = max(live[s][1] for s in slots)
+        rows = np.zeros((len(slots), width), np.int32)
+        for r, s in enumerate(slots):
+            rows[r, :live[s][1]] = live[s][0][:live[s][1]]
+        before = {int(s): (tables.views[s, kernels.VIEW_KEYS], tables.views[s, kernels.VIEW_CONTEXT])
+                  for s in slots}
+        drafts, lens = tables.step(rows, np.array([live[s][1] for s in slots]), slots,
+                                   np.full(len(slots), 6, np.int32))
+        for r, s in enumerate(slots):
+            stream, n = live[s]
+            assert drafts[r, :lens[r]].tolist() == oracle.draft(stream[:n], p, 6), (step, int(s))
+        tables.settle()
+        growths += sum((tables.views[s, kernels.VIEW_KEYS], tables.views[s, kernels.VIEW_CONTEXT]) != before[int(s)]
+                       for s in slots)
+        for s in slots:
+            if live[s][1] > 1500 or rng.random() < 0.05:
+                tables.release(int(s))
+                del live[s]
+    assert growths > 50 and tables.num_slots >= 5
 
 
 def test_fold_thread_ends_with_its_tables_and_hands_errors_to_the_caller():

@@ -12,6 +12,8 @@ Data layout (one *slot* per live request; see ``tables.py`` for the owner of the
                                   lives in the key record, and a pair cell of the current top is stale.
 * ``contexts[s]`` int32[cap]     the request's tokens (positions in the key records refer to it; the fold
                                   reads it, never the caller's buffer).
+* ``views[s]``  int64[6]         where those three arrays are: the step reads them through it, without
+                                  taking them out of their lists (see ``VIEW_KEYS``).
 
 Because counts only grow by one at a time, the top successor can be maintained incrementally with the
 rule "highest count, ties to the most recent": when a successor's count reaches the current top count,
@@ -28,7 +30,10 @@ pair) and would only change a draft, never the output (the target model verifies
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # --- slot metadata columns (int64[S, META_COLUMNS]) -------------------------------------------------
 META_CONSUMED = 0  # tokens of the request already folded into its tables
@@ -52,6 +57,18 @@ KEY_TOP_COUNT = 2  # its count
 KEY_TOTAL = 3  # total successor count; -1 - position for a key of a request's own tables seen once
 KEY_COLUMNS = 4
 PAIR_COLUMNS = 2  # fingerprint of (key fp, successor), count
+
+# --- borrowed views of each slot's arrays (int64[S, VIEW_COLUMNS]): address and rows -----------------
+# The typed lists own the arrays. Taking one out of a list costs two atomic operations on the array's
+# reference count, in a cache line the step has not touched since the last one: three arrays per row per
+# step, each a miss that no other load can overlap (an atomic operation waits for them). The hot path
+# instead views each array from its address here. Every place that replaces an array in a list updates
+# its view (``_set_view``): ``refresh_views`` (the Python side's lifecycle), ``_consume`` (table growth),
+# ``_append_context`` (context growth).
+VIEW_KEYS = 0  # then VIEW_KEYS + 1: rows
+VIEW_PAIRS = 2
+VIEW_CONTEXT = 4
+VIEW_COLUMNS = 6
 
 # --- acceptance-probability cells: (level, count bucket, share bucket) ------------------------------
 COUNT_BUCKETS = 6  # top count 1, 2-3, 4-7, 8-15, 16-31, 32+
@@ -93,6 +110,70 @@ _C2 = np.uint64(0x94D049BB133111EB)
 _S30 = np.uint64(30)
 _S27 = np.uint64(27)
 _S31 = np.uint64(31)
+
+
+@intrinsic
+def _prefetch_address(typingctx, address):
+    """Ask the CPU to start loading the cache line at ``address`` (an int64), without waiting for it
+    (LLVM's ``llvm.prefetch``: a read, kept in all cache levels). A bad address is harmless: a prefetch
+    never faults."""
+    sig = types.void(address)
+
+    def codegen(context, builder, signature, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [builder.inttoptr(args[0], i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _prefetch_row(array, i):
+    """Start loading the first cache line of ``array[i]``."""
+    _prefetch_address(array.ctypes.data + i * array.strides[0])
+
+
+@intrinsic
+def _address_as_pointer(typingctx, address, dtype):
+    """``address`` (an int64) as a pointer to ``dtype``, for ``carray``."""
+    pointer_type = types.CPointer(dtype.dtype)
+    sig = pointer_type(address, dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer_type))
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _set_view(views, s, column, array):
+    views[s, column] = array.ctypes.data
+    views[s, column + 1] = array.shape[0]
+
+
+@njit(cache=True)
+def refresh_views(s, keys, pairs, contexts, views):
+    """Record slot ``s``'s arrays in ``views`` (after the lists' arrays for ``s`` were replaced)."""
+    _set_view(views, s, VIEW_KEYS, keys[s])
+    _set_view(views, s, VIEW_PAIRS, pairs[s])
+    _set_view(views, s, VIEW_CONTEXT, contexts[s])
+
+
+@njit(cache=True, inline="always")
+def _key_table(views, s):
+    return carray(_address_as_pointer(views[s, VIEW_KEYS], np.int64), (views[s, VIEW_KEYS + 1], KEY_COLUMNS))
+
+
+@njit(cache=True, inline="always")
+def _pair_table(views, s):
+    return carray(_address_as_pointer(views[s, VIEW_PAIRS], np.int64), (views[s, VIEW_PAIRS + 1], PAIR_COLUMNS))
+
+
+@njit(cache=True, inline="always")
+def _context(views, s):
+    return carray(_address_as_pointer(views[s, VIEW_CONTEXT], np.int32), views[s, VIEW_CONTEXT + 1])
 
 
 @njit(cache=True, inline="always")
@@ -253,7 +334,7 @@ def _count(s, ki, fp, token, keys, pairs, meta, max_entries):
 
 
 @njit(cache=True)
-def _consume(s, row, start, end, n_min, n_max, keys, pairs, meta, max_entries, fps, child, sink, lazy):
+def _consume(s, row, start, end, n_min, n_max, keys, pairs, views, meta, max_entries, fps, child, sink, lazy):
     """Fold tokens ``row[start:end]`` (each as a successor of the keys before it) into slot ``s``.
 
     ``lazy`` (a request's own tables, whose ``row`` is the request's whole context): a key seen once is
@@ -268,8 +349,8 @@ def _consume(s, row, start, end, n_min, n_max, keys, pairs, meta, max_entries, f
     """
     num_levels = n_max - n_min + 1
     touched = np.int64(0)
-    kt = keys[s]
-    pt = pairs[s]
+    kt = _key_table(views, s)
+    pt = _pair_table(views, s)
     for pos in range(start, end):
         token = row[pos]
         longest = min(n_max - 1, pos)
@@ -279,9 +360,11 @@ def _consume(s, row, start, end, n_min, n_max, keys, pairs, meta, max_entries, f
         if meta[s, META_KEYS] + num_levels + 1 > _entry_limit(kt.shape[0], 0):
             kt = _room_for(kt, meta[s, META_KEYS], num_levels + 1, max_entries)
             keys[s] = kt
+            _set_view(views, s, VIEW_KEYS, kt)
         if meta[s, META_PAIRS] + 2 * num_levels > _entry_limit(pt.shape[0], 0):
             pt = _room_for(pt, meta[s, META_PAIRS], 2 * num_levels, max_entries)
             pairs[s] = pt
+            _set_view(views, s, VIEW_PAIRS, pt)
         key_fingerprints(row, pos, longest, fps)
         # The levels' records are independent: load all of them first so that their cache misses
         # overlap (a long context's tables live in DRAM), then update them one by one.
@@ -521,6 +604,13 @@ def _draft(s, g, r, context, num_tokens, k, n_min, n_max, min_count, min_share, 
     for j in range(k):
         longest = min(blen, n_max - 1)
         key_fingerprints(buf, blen, longest, fps)
+        if j > 0:  # the first lookup's cells were loaded ahead (``_prefetch_rows``)
+            # Start loading every level's cell at once: the walk up the levels would wait for each in turn.
+            for m in range(n_min - 1, min(longest, own_longest) + 1):
+                _prefetch_row(own, fps[m] & (own.shape[0] - 1))
+            if g >= 0:
+                for m in range(n_min - 1, longest + 1):
+                    _prefetch_row(cross, fps[m] & (cross.shape[0] - 1))
         level, top, top_count, total, own_match = _lookup_own(
             own, own_pairs, fps, min(longest, own_longest), n_min, n_max, min_count, min_share, buf, blen,
             context, win_start, num_tokens, win_fps, level_rows, cand_token, cand_count)
@@ -570,21 +660,54 @@ def reset_slot(s, keys, pairs, meta, calib, level_stats, last_draft, last_cell):
 
 
 @njit(cache=True)
-def _append_context(s, row, start, end, contexts):
+def _append_context(s, row, start, end, contexts, views):
     """Copy ``row[start:end]`` into slot ``s``'s context array (grown by doubling)."""
-    ctx = contexts[s]
+    ctx = _context(views, s)
     if end > ctx.size:
         grown = np.zeros(max(end, 2 * ctx.size), np.int32)
         grown[:start] = ctx[:start]
         contexts[s] = grown
+        _set_view(views, s, VIEW_CONTEXT, grown)
         ctx = grown
     ctx[start:end] = row[start:end]
     return ctx
 
 
 @njit(cache=True)
+def _prefetch_rows(token_ids, num_tokens, slots, max_draft, n_min, n_max, views, meta, calib, level_stats,
+                   last_draft, last_cell, cross, fps):
+    """Start loading what each row's bookkeeping and first lookup read: cells that nothing has touched since
+    the last step (the forward pass in between evicts them; a long context's tables live in DRAM). Loaded
+    one row at a time, each row would wait for its misses in turn; started for all rows first, they
+    overlap. Two rounds: the slots' small records first (the second round reads ``views``)."""
+    for r in range(slots.size):
+        s = slots[r]
+        if s < 0:
+            continue
+        _prefetch_row(views, s)
+        _prefetch_row(meta, s)
+        _prefetch_row(calib, s)
+        _prefetch_row(level_stats, s)
+        _prefetch_row(last_draft, s)
+        _prefetch_row(last_cell, s)
+    for r in range(slots.size):
+        s = slots[r]
+        n = min(num_tokens[r], token_ids.shape[1])
+        if s < 0 or n < n_min - 1 or max_draft[r] <= 0:
+            continue
+        _prefetch_address(views[s, VIEW_CONTEXT] + 4 * (n - 1))  # where the new tokens are copied
+        longest = min(n, n_max - 1)
+        key_fingerprints(token_ids[r], n, longest, fps)
+        kt = _key_table(views, s)
+        for m in range(n_min - 1, longest + 1):
+            _prefetch_row(kt, fps[m] & (kt.shape[0] - 1))
+            if cross.shape[0]:
+                _prefetch_row(cross, fps[m] & (cross.shape[0] - 1))
+
+
+@njit(cache=True)
 def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count, min_share, cross_slot,
-               cross_min_count, stop_probability, max_entries, keys, pairs, contexts, meta, calib,
+               cross_min_count, stop_probability, max_entries, keys, pairs, contexts, views, meta, calib,
                level_stats, cell_stats, last_draft, last_cell, out_drafts, out_lens):
     """One engine step for a batch: score the last drafts, then draft; the tables learn afterwards.
 
@@ -616,7 +739,9 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
     g = cross_slot
     pending = np.empty((slots.size, 4), np.int64)
     num_pending = 0
-    cross = keys[g] if g >= 0 else keys[0]  # fetched once: a typed-list lookup costs two atomic operations
+    cross = _key_table(views, g if g >= 0 else 0)
+    _prefetch_rows(token_ids, num_tokens, slots, max_draft, n_min, n_max, views, meta, calib, level_stats,
+                   last_draft, last_cell, cross if g >= 0 else cross[:0], fps)
     for r in range(slots.size):
         out_lens[r] = 0
         s = slots[r]
@@ -627,13 +752,14 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
         if n < meta[s, META_SEEN]:
             reset_slot(s, keys, pairs, meta, calib, level_stats, last_draft, last_cell)
         seen = meta[s, META_SEEN]
-        context = _append_context(s, row, seen, n, contexts) if n > seen else contexts[s]
+        context = _append_context(s, row, seen, n, contexts, views) if n > seen else _context(views, s)
         if n > seen:
             _feedback(s, context, seen, n, last_draft, last_cell, meta, calib, level_stats, cell_stats)
             meta[s, META_SEEN] = n
         start = meta[s, META_CONSUMED]
         if n - start > MAX_WINDOW:
-            _consume(s, context, start, n, n_min, n_max, keys, pairs, meta, max_entries, fps, child, sink, True)
+            _consume(s, context, start, n, n_min, n_max, keys, pairs, views, meta, max_entries, fps, child, sink,
+                     True)
             start = n
         cross_start = seen if g >= 0 and 0 < seen < n else -1  # generated tokens, not a prompt
         if n > start or cross_start >= 0:
@@ -649,7 +775,7 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
         for j in range(n - start):
             key_fingerprints(context, start + j, min(n_max - 1, start + j), win_fps[j])
         out_lens[r] = _draft(s, g, r, context, n, k, n_min, n_max, min_count, min_share, cross_min_count,
-                             stop_probability, keys[s], pairs[s], cross if g >= 0 else keys[s],
+                             stop_probability, _key_table(views, s), _pair_table(views, s), cross,
                              last_draft, last_cell, meta, calib,
                              level_stats, cell_stats, buf, fps, out_drafts, start, win_fps,
                              level_rows, cand_token, cand_count)
@@ -658,7 +784,7 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
 
 @njit(cache=True, nogil=True)
 def fold_pending(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, contexts,
-                 meta):
+                 views, meta):
     """Fold what a ``step_batch`` left pending into the tables: each request's new tokens into its own
     tables, its generated tokens into the cross-request table (cleared and restarted when it reaches
     ``cross_max_entries``: bounded memory, recent content).
@@ -672,14 +798,14 @@ def fold_pending(pending, n_min, n_max, max_entries, cross_slot, cross_max_entri
     g = cross_slot
     for i in range(pending.shape[0]):
         s, start, end, cross_start = pending[i, 0], pending[i, 1], pending[i, 2], pending[i, 3]
-        context = contexts[s]
+        context = _context(views, s)
         if end > start:
-            _consume(s, context, start, end, n_min, n_max, keys, pairs, meta, max_entries, fps, child, sink,
+            _consume(s, context, start, end, n_min, n_max, keys, pairs, views, meta, max_entries, fps, child, sink,
                      True)
         if g >= 0 and cross_start >= 0:
             if meta[g, META_KEYS] + (end - cross_start) * (n_max - n_min + 1) > cross_max_entries:
                 _clear_tables(g, keys, pairs, meta)
-            _consume(g, context, cross_start, end, n_min, n_max, keys, pairs, meta, cross_max_entries, fps,
+            _consume(g, context, cross_start, end, n_min, n_max, keys, pairs, views, meta, cross_max_entries, fps,
                      child, sink, False)
     return sink[0]
 

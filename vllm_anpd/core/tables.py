@@ -115,6 +115,7 @@ class NgramTables:
         self.keys = List()  # per slot: int64[cap, 4] key records (see kernels.py)
         self.pairs = List()  # per slot: int64[cap, 2] (key, successor) records
         self.contexts = List()  # per slot: int32[cap], the request's tokens (the tables refer to positions)
+        self.views = np.zeros((0, K.VIEW_COLUMNS), np.int64)  # per slot: where its three arrays are
         self.meta = np.zeros((0, K.META_COLUMNS), np.int64)
         self.calib = np.zeros((0, 2), np.float64)
         # Per slot and level: drafted, accepted. Levels 0..L-1 are the request's own tables, L..2L-1 the
@@ -150,7 +151,7 @@ class NgramTables:
     def _fold(self, pending: np.ndarray, background: bool) -> None:
         p = self.params
         args = (pending, p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot, p.cross_request_entries,
-                self.keys, self.pairs, self.contexts, self.meta)
+                self.keys, self.pairs, self.contexts, self.views, self.meta)
         if background and self._fold_thread is not None:
             self._fold_thread.submit(K.fold_pending, *args)
         else:
@@ -183,6 +184,7 @@ class NgramTables:
         self.keys[slot] = _empty_key_table()
         self.pairs[slot] = _empty_pair_table()
         self.contexts[slot] = _empty_context()
+        K.refresh_views(slot, self.keys, self.pairs, self.contexts, self.views)
         K.reset_slot(slot, self.keys, self.pairs, self.meta, self.calib, self.level_stats, self.last_draft,
                      self.last_cell)
         self._free.append(slot)
@@ -203,6 +205,9 @@ class NgramTables:
         self.level_stats = grow(self.level_stats)
         self.last_draft = grow(self.last_draft)
         self.last_cell = grow(self.last_cell)
+        self.views = grow(self.views)
+        for slot in range(old, new_count):
+            K.refresh_views(slot, self.keys, self.pairs, self.contexts, self.views)
         # Lowest slots first: pop() takes from the end.
         self._free.extend(range(new_count - 1, old - 1, -1))
 
@@ -226,7 +231,7 @@ class NgramTables:
         _, pending = K.step_batch(
             token_ids, num_tokens, slots, max_draft, p.n_min, p.n_max, self._min_count, self._min_share,
             self.cross_slot, self._min_count_cross, p.stop_probability if stop_probability is None else stop_probability,
-            p.max_entries_per_request, self.keys, self.pairs, self.contexts, self.meta, self.calib,
+            p.max_entries_per_request, self.keys, self.pairs, self.contexts, self.views, self.meta, self.calib,
             self.level_stats, self.cell_stats, self.last_draft, self.last_cell, self._out_drafts, self._out_lens)
         if pending.shape[0]:
             self._fold(pending, background=True)
