@@ -10,7 +10,9 @@ as an engine step does; the cross-request table starts half full of other text (
 that has run a while). vLLM's ngram proposer rescans the context at every step. The proposers take turns
 at every step, on the same contexts, back to back (``--forward-gap-us`` adds a busy pause, a stand-in for
 the forward pass): this shared 2-core VM drifts by tens of percent within a minute, and taking turns keeps
-that drift out of the ratios. The figures are the median microseconds per step of a run, the lowest over
+that drift out of the ratios. ``--evict-mb`` reads a buffer before each turn (untimed), as the forward pass
+between two steps evicts every cache: each proposer then starts cold, instruction caches and Python's
+objects included. The figures are the median microseconds per step of a run, the lowest over
 ``--repeats`` runs. Two ANPD figures:
 
 * ``anpd_us``, what delays the engine: ANPD as the vLLM proposer runs it, drafting first and folding the
@@ -151,7 +153,7 @@ class NgramRunner:
         return time.perf_counter() - t0
 
 
-def run_point(tokens, context, batch, steps, overrides, gap, with_ngram):
+def run_point(tokens, context, batch, steps, overrides, gap, with_ngram, evict):
     """One run: ANPD (fold in the background), ANPD (fold in the step) and vLLM ngram take turns at every
     step, in rotating order, on the same contexts; returns each one's median microseconds per step and
     ANPD's state bytes per context token. Taking turns step by step keeps this VM's drift (tens of percent
@@ -166,6 +168,8 @@ def run_point(tokens, context, batch, steps, overrides, gap, with_ngram):
         num_tokens = np.full(batch, context + 2 * s, np.int32)  # one accepted draft token + the bonus token
         for i in range(len(names)):
             name = names[(s + i) % len(names)]
+            if evict is not None:
+                evict.sum()  # as a forward pass does: the weights stream through every cache level
             times[name].append(runners[name].step(num_tokens))
             forward_pass(gap)
     result = {name: float(np.median(t) * 1e6) for name, t in times.items()}
@@ -181,6 +185,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="runs per point; the fastest run's median is kept")
     ap.add_argument("--forward-gap-us", type=float, default=0.0,
                     help="busy pause between steps, standing in for the forward pass (0: back to back)")
+    ap.add_argument("--evict-mb", type=int, default=0,
+                    help="read this many MB before each proposer's turn, untimed, as a forward pass evicts the "
+                         "caches (0: off; the model's weights are a fair size)")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--anpd", default="{}", help="JSON of AnpdParams overrides, e.g. '{\"cross_request_entries\": 0}'")
     ap.add_argument("--out", default="step_cost", help="results/<out>.{json,md,png}")
@@ -191,7 +198,8 @@ def main():
     for context, batch in tqdm(grid, desc="step cost"):
         tokens = make_batch(context, batch, args.steps)
         gap = args.forward_gap_us * 1e-6
-        runs = [run_point(tokens, context, batch, args.steps, overrides, gap, not args.skip_vllm)
+        evict = np.ones(args.evict_mb << 17, np.int64) if args.evict_mb else None
+        runs = [run_point(tokens, context, batch, args.steps, overrides, gap, not args.skip_vllm, evict)
                 for _ in range(args.repeats)]
         row = dict(context=context, batch=batch)
         for name in ("anpd_us", "anpd_total_us", "vllm_ngram_us"):
