@@ -221,10 +221,11 @@ def main():
     text = "\n".join(md) + "\n"
     (RESULTS / f"{args.out}.md").write_text(text)
     print(text)
-    plot(rows, RESULTS / f"{args.out}.png")
+    plot(rows, RESULTS / f"{args.out}.png",
+         f"caches evicted before each step ({args.evict_mb} MB read)" if args.evict_mb else "steps back to back")
 
 
-def plot(rows, path):
+def plot(rows, path, conditions):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,7 +238,7 @@ def plot(rows, path):
         rs = sorted((r for r in rows if r["batch"] == b), key=lambda r: r["context"])
         ax.plot([r["context"] for r in rs], [r["anpd_us"] for r in rs], "o-", color=color, label=f"ANPD, batch {b}")
         ax.plot([r["context"] for r in rs], [r["anpd_total_us"] for r in rs], "x:", color=color,
-                label=f"ANPD with the shared-table fold in the step, batch {b}")
+                label=f"ANPD, all work (fold in the step), batch {b}")
         if rs[0]["vllm_ngram_us"]:
             ax.plot([r["context"] for r in rs], [r["vllm_ngram_us"] for r in rs], "s--", color=color,
                     label=f"vLLM ngram, batch {b}")
@@ -245,7 +246,8 @@ def plot(rows, path):
     ax.set_yscale("log")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("proposer time between forward passes (microseconds)")
-    ax.set_title("Proposer cost per step: ANPD (incremental tables) vs vLLM ngram (rescan)")
+    ax.set_title(f"Proposer cost per step: ANPD (incremental tables) vs vLLM ngram (rescan)\n{conditions}",
+                 fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -249,7 +249,7 @@ class NgramTables:
         """Bytes held by all tables and per-slot arrays (live and free slots)."""
         self.settle()
         total = sum(a.nbytes for lst in (self.keys, self.pairs, self.contexts) for a in lst)
-        total += sum(a.nbytes for a in (self.meta, self.calib, self.level_stats, self.last_draft,
+        total += sum(a.nbytes for a in (self.meta, self.views, self.calib, self.level_stats, self.last_draft,
                                          self.last_cell, self.cell_stats, self._out_drafts, self._out_lens))
         return int(total)
 
