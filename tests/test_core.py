@@ -258,8 +258,10 @@ def test_max_entries_bounds_memory_and_counts_drops():
     assert t.meta[s, 1] == 50 and t.meta[s, 2] == 50
     assert t.stats()["dropped_ngrams"] > 0
     # 50 entries fit a 128-row table (75 % load): 128 x 32 key bytes + 128 x 16 pair bytes; plus the copy of
-    # the request's tokens (4 bytes each, as vLLM's own token buffer: bounded by the model length).
-    assert t.slot_bytes(s) == 128 * 32 + 128 * 16 + 2000 * 4
+    # the request's tokens (4 bytes each, as vLLM's own token buffer: bounded by the model length; room for a
+    # few more steps).
+    assert t.slot_bytes(s) - t.contexts[s].nbytes == 128 * 32 + 128 * 16
+    assert 2000 * 4 <= t.contexts[s].nbytes <= (2000 + 2 * kernels.MAX_WINDOW) * 4
 
 
 def test_bytes_in_use_grows_with_context_and_returns_after_release():
@@ -510,6 +512,34 @@ def test_hot_path_follows_every_array_the_tables_replace(seed):
                 tables.release(int(s))
                 del live[s]
     assert growths > 50 and tables.num_slots >= 5
+
+
+def test_step_kernel_refuses_a_row_that_needs_an_allocation_and_changes_nothing():
+    """``step_batch`` takes arrays only (no lists to grow): a row needing an allocation (a long new window, a
+    context past its array, a shrunk context) makes it return -1 before it touches anything; ``step`` then
+    runs ``prepare_rows`` and drafts as usual."""
+    p = _AnpdParams(num_speculative_tokens=4, cross_request_entries=0, stop_probability=0.0)
+    t = NgramTables(p, num_slots=1, max_batch=1)
+    slot = t.acquire()
+    context = [5, 6, 7, 8] * 30
+    row = np.array([context], np.int32)
+    slots, k = np.array([slot], np.int32), np.array([4], np.int32)
+    t.step(row, np.array([40], np.int32), slots, k)
+    capacity = t.views[slot, kernels.VIEW_CONTEXT + 1]
+    for n in (40 + kernels.MAX_WINDOW + 1, capacity + 1, 30):
+        if n > len(context):
+            continue
+        state = [a.copy() for a in (t.meta, t.views, t.calib, t.cell_stats, t.last_draft, t._out_lens)]
+        got = kernels.step_batch(row, np.array([n], np.int32), slots, k, p.n_min, p.n_max, t._min_count,
+                                 t._min_share, t.cross_slot, t._min_count_cross, p.stop_probability, t.views, t.meta,
+                                 t.calib, t.level_stats, t.cell_stats, t.last_draft, t.last_cell, t._out_drafts,
+                                 t._out_lens, t._pending, 0)
+        assert got == -1, n
+        for before, after in zip(state, (t.meta, t.views, t.calib, t.cell_stats, t.last_draft, t._out_lens)):
+            np.testing.assert_array_equal(before, after)
+    for n in (41, 40 + kernels.MAX_WINDOW + 5, 30, len(context)):  # through step: prepared, then drafted
+        drafts, lens = t.step(row, np.array([n], np.int32), slots, k)
+        assert drafts[0, :lens[0]].tolist() == oracle.draft(context[:n], p, 4), n
 
 
 def test_fold_thread_ends_with_its_tables_and_hands_errors_to_the_caller():

@@ -64,7 +64,7 @@ PAIR_COLUMNS = 2  # fingerprint of (key fp, successor), count
 # step, each a miss that no other load can overlap (an atomic operation waits for them). The hot path
 # instead views each array from its address here. Every place that replaces an array in a list updates
 # its view (``_set_view``): ``refresh_views`` (the Python side's lifecycle), ``_consume`` (table growth),
-# ``_append_context`` (context growth).
+# ``_grow_context`` (context growth).
 VIEW_KEYS = 0  # then VIEW_KEYS + 1: rows
 VIEW_PAIRS = 2
 VIEW_CONTEXT = 4
@@ -660,17 +660,87 @@ def reset_slot(s, keys, pairs, meta, calib, level_stats, last_draft, last_cell):
 
 
 @njit(cache=True)
-def _append_context(s, row, start, end, contexts, views):
-    """Copy ``row[start:end]`` into slot ``s``'s context array (grown by doubling)."""
+def _grow_context(s, end, contexts, views):
+    """Make slot ``s``'s context array hold ``end`` tokens: grown by doubling, and with room for a few decode
+    steps after a prompt (each growth costs a step the dispatch of ``prepare_rows``)."""
     ctx = _context(views, s)
     if end > ctx.size:
-        grown = np.zeros(max(end, 2 * ctx.size), np.int32)
-        grown[:start] = ctx[:start]
+        grown = np.zeros(max(end + 2 * MAX_WINDOW, 2 * ctx.size), np.int32)
+        grown[:ctx.size] = ctx
         contexts[s] = grown
         _set_view(views, s, VIEW_CONTEXT, grown)
-        ctx = grown
-    ctx[start:end] = row[start:end]
-    return ctx
+
+
+@njit(cache=True, inline="always")
+def _take_new_tokens(s, row, n, views, meta, last_draft, last_cell, calib, level_stats, cell_stats):
+    """Copy the row's tokens new since the last step into the slot's context (room made before) and score
+    the last draft against them. Returns ``(context, tokens seen before)``."""
+    seen = meta[s, META_SEEN]
+    context = _context(views, s)
+    if n > seen:
+        context[seen:n] = row[seen:n]
+        _feedback(s, context, seen, n, last_draft, last_cell, meta, calib, level_stats, cell_stats)
+        meta[s, META_SEEN] = n
+    return context, seen
+
+
+@njit(cache=True, inline="always")
+def _add_pending(pending, i, s, start, end, cross_start):
+    pending[i, 0] = s
+    pending[i, 1] = start
+    pending[i, 2] = end
+    pending[i, 3] = cross_start
+
+
+@njit(cache=True)
+def prepare_rows(token_ids, num_tokens, slots, n_min, n_max, max_entries, cross_slot, keys, pairs, contexts, views,
+                 meta, calib, level_stats, cell_stats, last_draft, last_cell, pending, num_pending):
+    """The part of a step that may allocate, for the rows that need it; ``step_batch`` does the rest.
+
+    A row whose context is shorter than what its slot has seen (a different request in the slot, or
+    rewritten history) gets its slot rebuilt; a context array too small for the row is grown; a row that
+    brings more than ``MAX_WINDOW`` tokens not in the tables yet (a prompt, a resumed request) has them
+    folded now, in order: copied, the last draft scored, folded into the request's tables (growing them),
+    and its generated tokens queued for the cross-request table in ``pending[num_pending:]``. Returns
+    ``(new num_pending, checksum)``: the checksum sums table cells loaded ahead of use (returning it keeps
+    the compiler from dropping those loads).
+    """
+    fps = np.empty(n_max, np.int64)
+    child = np.empty(n_max, np.int64)
+    sink = np.zeros(1, np.int64)
+    g = cross_slot
+    for r in range(slots.size):
+        s = slots[r]
+        if s < 0:
+            continue
+        row = token_ids[r]
+        n = min(num_tokens[r], row.size)
+        if n < meta[s, META_SEEN]:
+            reset_slot(s, keys, pairs, meta, calib, level_stats, last_draft, last_cell)
+        _grow_context(s, n, contexts, views)
+        if n - meta[s, META_CONSUMED] <= MAX_WINDOW:
+            continue
+        context, seen = _take_new_tokens(s, row, n, views, meta, last_draft, last_cell, calib, level_stats,
+                                         cell_stats)
+        _consume(s, context, meta[s, META_CONSUMED], n, n_min, n_max, keys, pairs, views, meta, max_entries, fps,
+                 child, sink, True)
+        if g >= 0 and 0 < seen < n:  # generated tokens, not a prompt
+            _add_pending(pending, num_pending, s, n, n, seen)
+            num_pending += 1
+    return num_pending, sink[0]
+
+
+@njit(cache=True)
+def _rows_ready(token_ids, num_tokens, slots, views, meta):
+    """Whether ``step_batch`` can take every row without allocating (else ``prepare_rows`` comes first)."""
+    for r in range(slots.size):
+        s = slots[r]
+        if s < 0:
+            continue
+        n = min(num_tokens[r], token_ids.shape[1])
+        if n < meta[s, META_SEEN] or n > views[s, VIEW_CONTEXT + 1] or n - meta[s, META_CONSUMED] > MAX_WINDOW:
+            return False
+    return True
 
 
 @njit(cache=True)
@@ -707,38 +777,38 @@ def _prefetch_rows(token_ids, num_tokens, slots, max_draft, n_min, n_max, views,
 
 @njit(cache=True)
 def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count, min_share, cross_slot,
-               cross_min_count, stop_probability, max_entries, keys, pairs, contexts, views, meta, calib,
-               level_stats, cell_stats, last_draft, last_cell, out_drafts, out_lens):
+               cross_min_count, stop_probability, views, meta, calib, level_stats, cell_stats, last_draft,
+               last_cell, out_drafts, out_lens, pending, num_pending):
     """One engine step for a batch: score the last drafts, then draft; the tables learn afterwards.
 
     Row ``r`` of the batch is request slot ``slots[r]`` whose context is ``token_ids[r, :num_tokens[r]]``
     (prompt + every token produced so far). Rows with ``slots[r] < 0`` are skipped. At most
     ``max_draft[r]`` tokens are drafted (0 still updates the tables). Writes ``out_drafts[r, :len]`` and
-    ``out_lens[r]``. A context shorter than what the slot has seen means a different request in the slot or
-    rewritten history: the slot is rebuilt from the row.
+    ``out_lens[r]``.
 
     The tokens new since the last step are copied into the slot's context array, and drafted from without
     being folded into the tables yet (up to ``MAX_WINDOW`` of them: ``_lookup_own`` counts them). Folding
     them, and every generated token into the cross-request table (slot ``cross_slot >= 0``; not the prompt,
-    which the request's own tables hold), is left to ``fold_pending`` on what this call returns: work that
-    can run while the target model verifies the drafts, off the path between two forward passes. The
-    drafts are the same either way. Until ``fold_pending`` has run, nothing else may use the tables.
+    which the request's own tables hold), is queued in ``pending[num_pending:]`` (rows of ``(slot, first token
+    to fold into its tables, end, first token to fold into the cross-request table or -1)``) for
+    ``fold_pending``: work that can run while the target model verifies the drafts, off the path between two
+    forward passes. The drafts are the same either way. Until ``fold_pending`` has run, nothing else may use
+    the tables.
 
-    Returns ``(checksum, pending)``: the checksum sums the table cells loaded ahead of use (to overlap their
-    cache misses; returning it keeps the compiler from dropping those loads); ``pending[i]`` is ``(slot,
-    first token to fold into its tables, end, first token to fold into the cross-request table or -1)``.
+    Nothing here allocates a table or takes one out of its list, so the call takes arrays only (numba's
+    dispatch of typed lists costs tens of microseconds when the caches are cold, as after a forward pass). If
+    a row needs an allocation (see ``prepare_rows``), nothing is changed and -1 is returned; else the new
+    ``num_pending``.
     """
+    if not _rows_ready(token_ids, num_tokens, slots, views, meta):
+        return -1
     buf = np.empty(n_max - 1 + out_drafts.shape[1], np.int32)  # the chain being drafted
     fps = np.empty(n_max, np.int64)  # key fingerprints of every level at one position
-    child = np.empty(n_max, np.int64)
     win_fps = np.empty((MAX_WINDOW, n_max), np.int64)  # ... at every position of the window
     level_rows = np.empty(n_max, np.int64)  # a lookup's table row per level
     cand_token = np.empty(MAX_WINDOW + 1, np.int32)  # successors of one key, while counting the window
     cand_count = np.empty(MAX_WINDOW + 1, np.int64)
-    sink = np.zeros(1, np.int64)
     g = cross_slot
-    pending = np.empty((slots.size, 4), np.int64)
-    num_pending = 0
     cross = _key_table(views, g if g >= 0 else 0)
     _prefetch_rows(token_ids, num_tokens, slots, max_draft, n_min, n_max, views, meta, calib, level_stats,
                    last_draft, last_cell, cross if g >= 0 else cross[:0], fps)
@@ -749,24 +819,12 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
             continue
         row = token_ids[r]
         n = min(num_tokens[r], row.size)
-        if n < meta[s, META_SEEN]:
-            reset_slot(s, keys, pairs, meta, calib, level_stats, last_draft, last_cell)
-        seen = meta[s, META_SEEN]
-        context = _append_context(s, row, seen, n, contexts, views) if n > seen else _context(views, s)
-        if n > seen:
-            _feedback(s, context, seen, n, last_draft, last_cell, meta, calib, level_stats, cell_stats)
-            meta[s, META_SEEN] = n
+        context, seen = _take_new_tokens(s, row, n, views, meta, last_draft, last_cell, calib, level_stats,
+                                         cell_stats)
         start = meta[s, META_CONSUMED]
-        if n - start > MAX_WINDOW:
-            _consume(s, context, start, n, n_min, n_max, keys, pairs, views, meta, max_entries, fps, child, sink,
-                     True)
-            start = n
         cross_start = seen if g >= 0 and 0 < seen < n else -1  # generated tokens, not a prompt
         if n > start or cross_start >= 0:
-            pending[num_pending, 0] = s
-            pending[num_pending, 1] = start
-            pending[num_pending, 2] = n
-            pending[num_pending, 3] = cross_start
+            _add_pending(pending, num_pending, s, start, n, cross_start)
             num_pending += 1
         k = min(max_draft[r], out_drafts.shape[1])
         if k <= 0 or n <= 0:
@@ -779,7 +837,7 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
                              last_draft, last_cell, meta, calib,
                              level_stats, cell_stats, buf, fps, out_drafts, start, win_fps,
                              level_rows, cand_token, cand_count)
-    return sink[0], pending[:num_pending]
+    return num_pending
 
 
 @njit(cache=True, nogil=True)

@@ -2,7 +2,8 @@
 
 A request owns a *slot* from ``acquire()`` until ``release()``; the caller maps its own request ids to
 slots (the vLLM glue does it by request id, never by batch row). Everything that happens per token runs
-in ``kernels.step_batch``; Python here runs per step and per request lifecycle event only.
+in the kernels (``step_batch`` on every step, ``prepare_rows`` on a step that must allocate, ``fold_pending``
+after it); Python here runs per step and per request lifecycle event only.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ class NgramTables:
         self.cross_slot = self._free.pop() if params.cross_request_entries else -1
         self._out_drafts = np.zeros((max_batch, params.num_speculative_tokens), np.int32)
         self._out_lens = np.zeros(max_batch, np.int32)
+        self._pending = np.zeros((max_batch, 4), np.int64)  # what a step leaves to fold_pending
+        self._acquired_since_step = False  # a new request's prompt needs prepare_rows
         self._fold_thread = None
         if fold_in_background:
             self._fold_thread = _FoldThread()
@@ -172,6 +175,7 @@ class NgramTables:
         self.settle()
         if not self._free:
             self._grow_slots(self.num_slots * 2)
+        self._acquired_since_step = True
         return self._free.pop()
 
     def release(self, slot: int) -> None:
@@ -225,16 +229,34 @@ class NgramTables:
         if batch > self._out_lens.shape[0]:
             self._out_drafts = np.zeros((batch, self.params.num_speculative_tokens), np.int32)
             self._out_lens = np.zeros(batch, np.int32)
+            self._pending = np.zeros((batch, 4), np.int64)
         if token_ids.dtype != np.int32:
             token_ids = self._as_int32_tokens(token_ids)
         p = self.params
-        _, pending = K.step_batch(
-            token_ids, num_tokens, slots, max_draft, p.n_min, p.n_max, self._min_count, self._min_share,
-            self.cross_slot, self._min_count_cross, p.stop_probability if stop_probability is None else stop_probability,
-            p.max_entries_per_request, self.keys, self.pairs, self.contexts, self.views, self.meta, self.calib,
-            self.level_stats, self.cell_stats, self.last_draft, self.last_cell, self._out_drafts, self._out_lens)
-        if pending.shape[0]:
-            self._fold(pending, background=True)
+        stop = p.stop_probability if stop_probability is None else stop_probability
+        # Most steps need no allocation: step_batch takes arrays only (cheap to dispatch). A step with a new
+        # request (its prompt), or any row that step_batch finds needs one, goes through prepare_rows first.
+        num_pending = -1
+        if not self._acquired_since_step:
+            num_pending = K.step_batch(
+                token_ids, num_tokens, slots, max_draft, p.n_min, p.n_max, self._min_count, self._min_share,
+                self.cross_slot, self._min_count_cross, stop, self.views, self.meta, self.calib, self.level_stats,
+                self.cell_stats, self.last_draft, self.last_cell, self._out_drafts, self._out_lens, self._pending, 0)
+        if num_pending < 0:
+            num_prepared, _ = K.prepare_rows(
+                token_ids, num_tokens, slots, p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot,
+                self.keys, self.pairs, self.contexts, self.views, self.meta, self.calib, self.level_stats,
+                self.cell_stats, self.last_draft, self.last_cell, self._pending, 0)
+            self._acquired_since_step = False
+            num_pending = K.step_batch(
+                token_ids, num_tokens, slots, max_draft, p.n_min, p.n_max, self._min_count, self._min_share,
+                self.cross_slot, self._min_count_cross, stop, self.views, self.meta, self.calib, self.level_stats,
+                self.cell_stats, self.last_draft, self.last_cell, self._out_drafts, self._out_lens, self._pending,
+                num_prepared)
+            if num_pending < 0:
+                raise RuntimeError("ANPD: a row still needs an allocation after prepare_rows (a bug)")
+        if num_pending:
+            self._fold(self._pending[:num_pending], background=True)
         return self._out_drafts[:batch], self._out_lens[:batch]
 
     @staticmethod
@@ -250,7 +272,8 @@ class NgramTables:
         self.settle()
         total = sum(a.nbytes for lst in (self.keys, self.pairs, self.contexts) for a in lst)
         total += sum(a.nbytes for a in (self.meta, self.views, self.calib, self.level_stats, self.last_draft,
-                                         self.last_cell, self.cell_stats, self._out_drafts, self._out_lens))
+                                         self.last_cell, self.cell_stats, self._out_drafts, self._out_lens,
+                                         self._pending))
         return int(total)
 
     def slot_bytes(self, slot: int) -> int:
