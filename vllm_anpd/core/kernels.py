@@ -604,7 +604,7 @@ def _draft(s, g, r, context, num_tokens, k, n_min, n_max, min_count, min_share, 
     for j in range(k):
         longest = min(blen, n_max - 1)
         key_fingerprints(buf, blen, longest, fps)
-        if j > 0:  # the first lookup's cells were loaded ahead (``_prefetch_rows``)
+        if j > 0:  # the first lookup's cells were loaded ahead (``_prefetch_first_lookups``)
             # Start loading every level's cell at once: the walk up the levels would wait for each in turn.
             for m in range(n_min - 1, min(longest, own_longest) + 1):
                 _prefetch_row(own, fps[m] & (own.shape[0] - 1))
@@ -743,13 +743,14 @@ def _rows_ready(token_ids, num_tokens, slots, views, meta):
     return True
 
 
+# Before the row loop, ``step_batch`` starts loading what each row's bookkeeping and first lookup read: cells
+# that nothing has touched since the last step (the forward pass in between evicts them; a long context's
+# tables live in DRAM). Loaded one row at a time, each row would wait for its misses in turn; started for all
+# rows first, they overlap. Two rounds: the slots' small records (which the readiness check and the second
+# round read), then the context tails and the table cells.
+
 @njit(cache=True)
-def _prefetch_rows(token_ids, num_tokens, slots, max_draft, n_min, n_max, views, meta, calib, level_stats,
-                   last_draft, last_cell, cross, fps):
-    """Start loading what each row's bookkeeping and first lookup read: cells that nothing has touched since
-    the last step (the forward pass in between evicts them; a long context's tables live in DRAM). Loaded
-    one row at a time, each row would wait for its misses in turn; started for all rows first, they
-    overlap. Two rounds: the slots' small records first (the second round reads ``views``)."""
+def _prefetch_slot_records(slots, views, meta, calib, level_stats, last_draft, last_cell):
     for r in range(slots.size):
         s = slots[r]
         if s < 0:
@@ -760,6 +761,10 @@ def _prefetch_rows(token_ids, num_tokens, slots, max_draft, n_min, n_max, views,
         _prefetch_row(level_stats, s)
         _prefetch_row(last_draft, s)
         _prefetch_row(last_cell, s)
+
+
+@njit(cache=True)
+def _prefetch_first_lookups(token_ids, num_tokens, slots, max_draft, n_min, n_max, views, cross, fps):
     for r in range(slots.size):
         s = slots[r]
         n = min(num_tokens[r], token_ids.shape[1])
@@ -800,6 +805,7 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
     a row needs an allocation (see ``prepare_rows``), nothing is changed and -1 is returned; else the new
     ``num_pending``.
     """
+    _prefetch_slot_records(slots, views, meta, calib, level_stats, last_draft, last_cell)
     if not _rows_ready(token_ids, num_tokens, slots, views, meta):
         return -1
     buf = np.empty(n_max - 1 + out_drafts.shape[1], np.int32)  # the chain being drafted
@@ -810,8 +816,8 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
     cand_count = np.empty(MAX_WINDOW + 1, np.int64)
     g = cross_slot
     cross = _key_table(views, g if g >= 0 else 0)
-    _prefetch_rows(token_ids, num_tokens, slots, max_draft, n_min, n_max, views, meta, calib, level_stats,
-                   last_draft, last_cell, cross if g >= 0 else cross[:0], fps)
+    _prefetch_first_lookups(token_ids, num_tokens, slots, max_draft, n_min, n_max, views,
+                            cross if g >= 0 else cross[:0], fps)
     for r in range(slots.size):
         out_lens[r] = 0
         s = slots[r]
