@@ -109,7 +109,6 @@ class AnpdRunner:
     def __init__(self, tokens, context, batch, overrides, background):
         self.tables = NgramTables(AnpdParams(num_speculative_tokens=K, **overrides), num_slots=batch,
                                   max_batch=batch, fold_in_background=background)
-        self.background = background
         warm_cross_request_table(self.tables)
         self.slots = np.array([self.tables.acquire() for _ in range(batch)], np.int32)
         self.max_draft = np.full(batch, K, np.int32)
