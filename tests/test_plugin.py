@@ -583,6 +583,18 @@ def test_patch_on_import_patches_the_module_once_when_first_imported(tmp_path, m
         sys.modules.pop("anpd_probe_runner", None)
 
 
+def test_seeded_stream_fix_does_nothing_off_the_cpu_platform(monkeypatch):
+    import sys
+
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
+    monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if not isinstance(f, _vllm_compat._PatchOnImport)])
+    monkeypatch.delitem(sys.modules, _vllm_compat.CPU_RUNNER_MODULE, raising=False)
+    assert not _vllm_compat.fix_cpu_seeded_chunked_prefill()
+    assert not any(isinstance(f, _vllm_compat._PatchOnImport) for f in sys.meta_path)
+
+
 SEEDED_FIX_IN_A_WORKER = """
 from vllm.plugins import load_general_plugins
 

@@ -254,8 +254,15 @@ def fix_cpu_seeded_chunked_prefill() -> bool:
     rows sample their dropped token from the default generator and their own stream is left exactly as if
     that token had never been sampled, which is what the CUDA rewind achieves. The runner module is patched
     when vLLM imports it (worker processes only: importing it here would cost every process seconds).
-    Returns whether the fix is in place or will be on import.
+    Returns whether the fix is in place or will be on import; does nothing off the CPU platform.
     """
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return False
+    except Exception:
+        return False
     module = sys.modules.get(CPU_RUNNER_MODULE)
     if module is not None:
         _fix_cpu_runner(module)
