@@ -595,6 +595,21 @@ def test_seeded_stream_fix_does_nothing_off_the_cpu_platform(monkeypatch):
     assert not any(isinstance(f, _vllm_compat._PatchOnImport) for f in sys.meta_path)
 
 
+def test_seeded_stream_fix_leaves_a_runner_module_without_the_method_importable(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    (tmp_path / "anpd_probe_other.py").write_text("class CPUModelRunner:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    finder = _vllm_compat._PatchOnImport("anpd_probe_other", _vllm_compat._fix_cpu_runner)
+    monkeypatch.setattr(sys, "meta_path", [finder] + sys.meta_path)
+    try:
+        module = importlib.import_module("anpd_probe_other")
+        assert not hasattr(module.CPUModelRunner, "sample_tokens")
+    finally:
+        sys.modules.pop("anpd_probe_other", None)
+
+
 SEEDED_FIX_IN_A_WORKER = """
 from vllm.plugins import load_general_plugins
 

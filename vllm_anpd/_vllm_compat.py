@@ -20,6 +20,7 @@ Four things, each idempotent (CPU workers are spawned and run the plugin again):
 import functools
 import importlib.abc
 import importlib.util
+import logging
 import sys
 from typing import Any, Literal
 
@@ -30,6 +31,8 @@ from vllm.config.speculative import SpeculativeMethod
 from vllm.config.utils import config
 
 from .core.config import AnpdParams
+
+logger = logging.getLogger("vllm.anpd")  # as plugin.py: vLLM configures the handler, in every process
 
 METHOD = "anpd"
 PROPOSER_PATH = "vllm_anpd.proposer.AnpdProposer"
@@ -233,8 +236,15 @@ def sample_tokens_keeping_seeded_streams(sample_tokens):
 
 
 def _fix_cpu_runner(module) -> None:
-    runner_cls = module.CPUModelRunner
-    runner_cls.sample_tokens = sample_tokens_keeping_seeded_streams(runner_cls.sample_tokens)
+    # Runs inside vLLM's import of the runner module: never raise there (a vLLM without this class or
+    # method simply stays unpatched).
+    runner_cls = getattr(module, "CPUModelRunner", None)
+    sample_tokens = getattr(runner_cls, "sample_tokens", None)
+    if sample_tokens is None:
+        logger.warning("vllm_anpd: %s.CPUModelRunner.sample_tokens not found; seeded requests in chunked "
+                       "prefill are not fixed.", module.__name__)
+        return
+    runner_cls.sample_tokens = sample_tokens_keeping_seeded_streams(sample_tokens)
 
 
 def fix_cpu_seeded_chunked_prefill() -> bool:
@@ -283,7 +293,10 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname != self.name:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps find_spec below from finding us again
+        try:
+            sys.meta_path.remove(self)  # one shot; also keeps find_spec below from finding us again
+        except ValueError:
+            return None
         spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:
             return spec
