@@ -239,15 +239,8 @@ def sample_tokens_keeping_seeded_streams(sample_tokens):
 
 
 def _fix_cpu_runner(module) -> None:
-    # Runs inside vLLM's import of the runner module: never raise there (a vLLM without this class or
-    # method simply stays unpatched).
-    runner_cls = getattr(module, "CPUModelRunner", None)
-    sample_tokens = getattr(runner_cls, "sample_tokens", None)
-    if sample_tokens is None:
-        logger.warning("vllm_anpd: %s.CPUModelRunner.sample_tokens not found; seeded requests in chunked "
-                       "prefill are not fixed.", module.__name__)
-        return
-    runner_cls.sample_tokens = sample_tokens_keeping_seeded_streams(sample_tokens)
+    _wrap_attribute(getattr(module, "CPUModelRunner", None), "sample_tokens", sample_tokens_keeping_seeded_streams,
+                    f"{module.__name__}.CPUModelRunner", "seeded requests in chunked prefill")
 
 
 def fix_cpu_seeded_chunked_prefill() -> bool:
@@ -296,12 +289,8 @@ def top_k_only_tolerating_no_rows(apply_top_k_only):
 
 
 def _fix_top_k_module(module) -> None:
-    apply_top_k_only = getattr(module, "apply_top_k_only", None)  # never raise inside vLLM's import
-    if apply_top_k_only is None:
-        logger.warning("vllm_anpd: %s.apply_top_k_only not found; top-k requests in steps without draft "
-                       "tokens are not fixed.", module.__name__)
-        return
-    module.apply_top_k_only = top_k_only_tolerating_no_rows(apply_top_k_only)
+    _wrap_attribute(module, "apply_top_k_only", top_k_only_tolerating_no_rows, module.__name__,
+                    "top-k requests in steps without draft tokens")
 
 
 def fix_cpu_top_k_without_drafts() -> bool:
@@ -335,6 +324,16 @@ def _on_cpu() -> bool:
         return bool(current_platform.is_cpu())
     except Exception:
         return False
+
+
+def _wrap_attribute(owner, name: str, wrap, owner_label: str, unfixed: str) -> None:
+    """``owner.name = wrap(owner.name)``. Runs inside vLLM's import of a module, so it never raises: an
+    ``owner`` (None included) without ``name`` stays as it is, with a warning that says what is not fixed."""
+    original = getattr(owner, name, None)
+    if original is None:
+        logger.warning("vllm_anpd: %s.%s not found; %s are not fixed.", owner_label, name, unfixed)
+        return
+    setattr(owner, name, wrap(original))
 
 
 def _patch_when_imported(name: str, patch) -> None:
