@@ -174,11 +174,9 @@ def fix_cpu_expand_kernel() -> bool:
     module attribute is replaced first; an override already registered is redirected. Returns
     whether the fixed implementation is in place. Does nothing where the fallback computes correctly.
     """
+    if not _on_cpu():
+        return False
     try:
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            return False
         import vllm._custom_ops  # noqa: F401  loads the C++ ops the fallback calls
         from vllm.utils import cpu_triton_utils
     except Exception:
