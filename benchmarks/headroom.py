@@ -7,8 +7,12 @@ when the request's own tables have nothing). This replays the 480 Spec-Bench ref
 verification loop (batch 1, fixed k, no stop rule) with the same tables and four choosers:
 
 * ``highest``: that rule (the shared table needs a count of 2), i.e. ANPD without its stop probability;
+* ``recent``: the most recent successor of the highest matching own level instead of its most frequent
+  (the tables keep both; recency is what a loop or a list being copied would favour);
 * ``oracle-top2``: the true next token whenever it is one of the highest own level's two most frequent
   successors (what keeping a second candidate per key could at best add);
+* ``oracle-top-or-recent``: the true next token whenever it is the highest own level's most frequent or
+  most recent successor (the ceiling of any rule that picks between those two);
 * ``oracle-tops``: the true next token whenever it is the top successor of *any* matching level of either
   table (the ceiling of any rule that chooses among levels and tables);
 * ``oracle-any``: the true next token whenever any matching key of either table was ever followed by it.
@@ -34,7 +38,7 @@ from replay import Corpus, load_references, replay  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 N_MIN, N_MAX = 2, 7  # ANPD's default levels
 CROSS_MIN_COUNT = 2  # ANPD's default gate of the shared table
-CHOOSERS = ("highest", "oracle-top2", "oracle-tops", "oracle-any")
+CHOOSERS = ("highest", "recent", "oracle-top2", "oracle-top-or-recent", "oracle-tops", "oracle-any")
 
 
 class Table:
@@ -46,6 +50,7 @@ class Table:
     def __init__(self):
         self.counts: dict[tuple, dict[int, int]] = {}
         self.top: dict[tuple, int] = {}
+        self.last: dict[tuple, int] = {}  # most recent successor
 
     def observe(self, context: list, i: int) -> None:
         token = context[i]
@@ -54,6 +59,7 @@ class Table:
             successors = self.counts.setdefault(key, {})
             c = successors.get(token, 0) + 1
             successors[token] = c
+            self.last[key] = token
             if key not in self.top or c >= successors[self.top[key]]:
                 self.top[key] = token
 
@@ -107,7 +113,13 @@ class ChooserDrafter:
     def choose(self, own: Table, chain: list, truth: int):
         own_matches = list(own.matches(chain))
         shared_matches = list(self.shared.matches(chain, CROSS_MIN_COUNT))
-        if self.name == "oracle-top2" and own_matches:
+        if self.name == "recent" and own_matches:
+            return own.last[own_matches[0][0]]
+        if self.name == "oracle-top-or-recent" and own_matches:
+            key, _, top = own_matches[0]
+            if truth in (top, own.last[key]):
+                return truth
+        elif self.name == "oracle-top2" and own_matches:
             successors = own_matches[0][1]
             if truth in sorted(successors, key=successors.get, reverse=True)[:2]:
                 return truth
