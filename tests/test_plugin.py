@@ -117,6 +117,22 @@ def test_bad_options_fail_naming_field_and_value(key, value, needle):
         engine_config({"method": "anpd", "num_speculative_tokens": 4, key: value})
 
 
+def test_missing_num_speculative_tokens_is_named_for_anpd():
+    # vLLM's own message would speak of a draft model's n_predict.
+    with pytest.raises(Exception, match="num_speculative_tokens is required with method 'anpd'"):
+        engine_config({"method": "anpd"})
+
+
+def test_ngram_options_carried_over_to_anpd_are_named_in_a_warning(monkeypatch):
+    warnings = []
+    monkeypatch.setattr(_vllm_compat.logger, "warning", lambda msg, *args: warnings.append(msg % args))
+    engine_config({"method": "anpd", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4})
+    assert len(warnings) == 1 and "prompt_lookup_min, prompt_lookup_max (of method 'ngram') ignored" in warnings[0]
+    warnings.clear()
+    engine_config({"method": "anpd", "num_speculative_tokens": 4})
+    assert warnings == []
+
+
 def test_anpd_options_with_another_method_are_rejected():
     with pytest.raises(Exception, match="anpd_n_max.*method"):
         engine_config({"method": "ngram", "num_speculative_tokens": 4, "anpd_n_max": 3})

@@ -40,6 +40,7 @@ METHOD = "anpd"
 PROPOSER_PATH = "vllm_anpd.proposer.AnpdProposer"
 PROPOSER_PATHS = (PROPOSER_PATH, "vllm_anpd.AnpdProposer")  # the second is the documented zero-patch route
 OPTION_PREFIX = "anpd_"
+NGRAM_OPTIONS = ("prompt_lookup_min", "prompt_lookup_max")  # SpeculativeConfig fields of "ngram" only
 _PARAM_FIELDS = [f for f in AnpdParams.field_names() if f != "num_speculative_tokens"]
 _DEFAULTS = AnpdParams.__dataclass_fields__
 
@@ -73,7 +74,15 @@ class AnpdSpeculativeConfig(SpeculativeConfig):
         if self.method == METHOD:
             # Validate now, in the process that parsed the user's JSON, so a bad value fails start-up
             # with the field name instead of failing later inside a worker.
-            params_from_options(options, self.num_speculative_tokens or 1)
+            if self.num_speculative_tokens is None:
+                # vLLM's own message here speaks of a draft model's n_predict, which ANPD has not.
+                raise ValueError(f"speculative_config: num_speculative_tokens is required with method "
+                                 f"'{METHOD}' (the longest draft per step, e.g. 5)")
+            params_from_options(options, self.num_speculative_tokens)
+            ngram_keys = [k for k in NGRAM_OPTIONS if getattr(self, k, None) is not None]
+            if ngram_keys:  # a config carried over from method "ngram": say so instead of ignoring it silently
+                logger.warning("speculative_config: %s (of method 'ngram') ignored: ANPD's n-gram levels are "
+                               "anpd_n_min and anpd_n_max", ", ".join(ngram_keys))
             self.method = "custom_class"
             self.model = PROPOSER_PATH
         elif self.model not in PROPOSER_PATHS:
