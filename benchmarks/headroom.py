@@ -115,7 +115,7 @@ class ChooserDrafter:
         shared_matches = list(self.shared.matches(chain, CROSS_MIN_COUNT))
         if self.name == "recent" and own_matches:
             return own.last[own_matches[0][0]]
-        if self.name == "oracle-top-or-recent" and own_matches:
+        elif self.name == "oracle-top-or-recent" and own_matches:
             key, _, top = own_matches[0]
             if truth in (top, own.last[key]):
                 return truth
