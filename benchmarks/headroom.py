@@ -4,7 +4,7 @@
 
 ANPD drafts, at each position, the top successor of the highest level whose key matches (the shared table's
 when the request's own tables have nothing). This replays the 480 Spec-Bench references through replay.py's
-verification loop (batch 1, fixed k, no stop rule) with the same tables and four choosers:
+verification loop (batch 1, fixed k, no stop rule) with the same tables and six choosers:
 
 * ``highest``: that rule (the shared table needs a count of 2), i.e. ANPD without its stop probability;
 * ``recent``: the most recent successor of the highest matching own level instead of its most frequent
