@@ -152,25 +152,30 @@ class NgramRunner:
         return time.perf_counter() - t0
 
 
-def run_point(tokens, context, batch, steps, overrides, gap, with_ngram, evict):
-    """One run: ANPD (fold in the background), ANPD (fold in the step) and vLLM ngram take turns at every
-    step, in rotating order, on the same contexts; returns each one's median microseconds per step and
-    ANPD's state bytes per context token. Taking turns step by step keeps this VM's drift (tens of percent
-    within a minute) out of their ratios."""
+def run_point(tokens, context, batch, steps, overrides, gap, with_ngram, evict, turn_steps=1):
+    """One run: ANPD (fold in the background), ANPD (fold in the step) and vLLM ngram take turns, in
+    rotating order, on the same contexts; returns each one's median microseconds per step and ANPD's state
+    bytes per context token. Taking turns keeps this VM's drift (tens of percent within a minute) out of
+    their ratios. A turn is ``turn_steps`` consecutive steps; with more than one, a turn's first step (the
+    one that follows the other proposers' work, which has displaced this one's state from the caches) is
+    not counted, so each proposer is measured in its own steady state, as in an engine that runs one."""
     runners = {"anpd_us": AnpdRunner(tokens, context, batch, overrides, True),
                "anpd_total_us": AnpdRunner(tokens, context, batch, overrides, False)}
     if with_ngram:
         runners["vllm_ngram_us"] = NgramRunner(tokens, batch)
     names = list(runners)
     times = {name: [] for name in names}
-    for s in range(1, steps + 1):
-        num_tokens = np.full(batch, context + 2 * s, np.int32)  # one accepted draft token + the bonus token
+    for turn, first in enumerate(range(1, steps + 1, turn_steps)):
         for i in range(len(names)):
-            name = names[(s + i) % len(names)]
-            if evict is not None:
-                evict.sum()  # as a forward pass does: the weights stream through every cache level
-            times[name].append(runners[name].step(num_tokens))
-            forward_pass(gap)
+            name = names[(turn + i) % len(names)]
+            for s in range(first, min(first + turn_steps, steps + 1)):
+                num_tokens = np.full(batch, context + 2 * s, np.int32)  # an accepted draft token + the bonus
+                if evict is not None:
+                    evict.sum()  # as a forward pass does: the weights stream through every cache level
+                elapsed = runners[name].step(num_tokens)
+                if turn_steps == 1 or s > first:
+                    times[name].append(elapsed)
+                forward_pass(gap)
     result = {name: float(np.median(t) * 1e6) for name, t in times.items()}
     result["anpd_state_bytes_per_token"] = runners["anpd_us"].bytes_per_token(batch * (context + 2 * steps))
     return result
@@ -187,10 +192,15 @@ def main():
     ap.add_argument("--evict-mb", type=int, default=0,
                     help="read this many MB before each proposer's turn, untimed, as a forward pass evicts the "
                          "caches (0: off; the model's weights are a fair size)")
+    ap.add_argument("--turn-steps", type=int, default=1,
+                    help="consecutive steps per proposer's turn; above 1, each turn's first step is not counted "
+                         "(each proposer measured in its own steady state)")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--anpd", default="{}", help="JSON of AnpdParams overrides, e.g. '{\"cross_request_entries\": 0}'")
     ap.add_argument("--out", default="step_cost", help="results/<out>.{json,md,png}")
     args = ap.parse_args()
+    if args.turn_steps < 1:
+        ap.error(f"--turn-steps must be at least 1, got {args.turn_steps}")
     overrides = json.loads(args.anpd)
     rows = []
     grid = [(c, b) for b in args.batches for c in args.contexts]
@@ -198,7 +208,8 @@ def main():
         tokens = make_batch(context, batch, args.steps)
         gap = args.forward_gap_us * 1e-6
         evict = np.ones(args.evict_mb << 17, np.int64) if args.evict_mb else None
-        runs = [run_point(tokens, context, batch, args.steps, overrides, gap, not args.skip_vllm, evict)
+        runs = [run_point(tokens, context, batch, args.steps, overrides, gap, not args.skip_vllm, evict,
+                          args.turn_steps)
                 for _ in range(args.repeats)]
         row = dict(context=context, batch=batch)
         for name in ("anpd_us", "anpd_total_us", "vllm_ngram_us"):
@@ -221,7 +232,8 @@ def main():
     (RESULTS / f"{args.out}.md").write_text(text)
     print(text)
     plot(rows, RESULTS / f"{args.out}.png",
-         f"caches evicted before each step ({args.evict_mb} MB read)" if args.evict_mb else "steps back to back")
+         f"caches evicted before each step ({args.evict_mb} MB read)" if args.evict_mb
+         else f"steps back to back, {args.turn_steps} per turn" if args.turn_steps > 1 else "steps back to back")
 
 
 def plot(rows, path, conditions):
