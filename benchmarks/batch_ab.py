@@ -14,7 +14,11 @@ Configurations (each run in its own engine process, one after the other, in roun
 * ``anpd-fixed``: ANPD with the verify cost fixed at its configured 0.07 (``anpd_measure_verify_cost: false``);
 * ``anpd-stop0.05``, ``anpd-stop0.1``: ANPD with that stop probability (the default's candidates);
 * ``ngram``, ``suffix``: vLLM's built-in methods as the engine benchmark runs them (k = 5; ngram with
-  prompt_lookup 2..4; suffix needs arctic-inference).
+  prompt_lookup 2..4; suffix needs arctic-inference);
+* ``abl-paper``, ``abl-levels``, ``abl-stop``, ``abl-budget``, then ``anpd``: the ablation of section 3 of
+  BENCHMARKS.md on the engine, each adding one component: the paper's ANPD (levels n = 2..5, fixed k, no
+  shared table), levels up to n = 7, the adaptive stop probability, the batch-aware budget (verify cost
+  measured on the engine), the shared cross-request table (= ANPD's defaults).
 Spec-Bench first turns (``--per-category``, 5 by default: the engine benchmark's batched set), greedy,
 float32, max_tokens 128,
 closed loop with ``--batch`` requests in flight (``engine_bench.run_phase``). Appends one JSON line per run to
@@ -42,6 +46,14 @@ CONFIGS = {
     "anpd-fixed": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_measure_verify_cost": False}, {}),
     "anpd-stop0.05": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_stop_probability": 0.05}, {}),
     "anpd-stop0.1": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_stop_probability": 0.1}, {}),
+    # The ablation: each row adds one component to the one before (PAPER in vllm_anpd/core/config.py).
+    "abl-paper": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_n_max": 5, "anpd_stop_probability": 0.0,
+                   "anpd_verify_cost": 0.0, "anpd_measure_verify_cost": False, "anpd_cross_request_entries": 0}, {}),
+    "abl-levels": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_stop_probability": 0.0,
+                    "anpd_verify_cost": 0.0, "anpd_measure_verify_cost": False, "anpd_cross_request_entries": 0}, {}),
+    "abl-stop": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_verify_cost": 0.0,
+                  "anpd_measure_verify_cost": False, "anpd_cross_request_entries": 0}, {}),
+    "abl-budget": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_cross_request_entries": 0}, {}),
     "ngram": ({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2, "prompt_lookup_max": 4}, {}),
     "suffix": ({"method": "suffix", "num_speculative_tokens": 5}, {}),
 }
@@ -103,12 +115,14 @@ def main() -> None:
         with open(RESULTS / "batch_ab.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")
     base = [r["tok_s"] for r in runs if r["name"] == "none"]
-    print("| configuration | runs (tok/s) | mean | vs none |\n|---|---|---:|---:|")
+    print("| configuration | runs (tok/s) | mean | vs none | MAT |\n|---|---|---:|---:|---:|")
     for name in args.configs:
         values = [r["tok_s"] for r in runs if r["name"] == name]
+        mats = [r["mat"] for r in runs if r["name"] == name]
         mean = sum(values) / len(values)
         ratio = f"{mean / (sum(base) / len(base)):.3f}x" if base else "-"
-        print(f"| {name} | {', '.join(f'{v:.1f}' for v in values)} | {mean:.1f} | {ratio} |")
+        print(f"| {name} | {', '.join(f'{v:.1f}' for v in values)} | {mean:.1f} | {ratio} | "
+              f"{sum(mats) / len(mats):.3f} |")
 
 
 if __name__ == "__main__":
