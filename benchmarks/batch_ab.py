@@ -23,7 +23,7 @@ Spec-Bench first turns (``--per-category``, 5 by default: the engine benchmark's
 float32, max_tokens 128,
 closed loop with ``--batch`` requests in flight (``engine_bench.run_phase``). Appends one JSON line per run to
 results/batch_ab.jsonl (lines of 2026-11-23 count engine steps in ``steps``; later ones give ``mat``) and
-prints a summary (mean tok/s per configuration and ratio to ``none``).
+prints a summary (tok/s per configuration, its ratio to the same round's ``none`` run, MAT).
 """
 
 from __future__ import annotations
@@ -114,15 +114,19 @@ def main() -> None:
         runs.append(result)
         with open(RESULTS / "batch_ab.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")
-    base = [r["tok_s"] for r in runs if r["name"] == "none"]
-    print("| configuration | runs (tok/s) | mean | vs none | MAT |\n|---|---|---:|---:|---:|")
+    # Each round's runs against that round's `none` run: the machine drifts between rounds.
+    per_round = len(args.configs)
+    base = {i // per_round: r["tok_s"] for i, r in enumerate(runs) if r["name"] == "none"}
+    print("| configuration | runs (tok/s) | mean | vs none, per round | vs none | MAT |\n|---|---|---:|---|---:|---:|")
     for name in args.configs:
-        values = [r["tok_s"] for r in runs if r["name"] == name]
-        mats = [r["mat"] for r in runs if r["name"] == name]
-        mean = sum(values) / len(values)
-        ratio = f"{mean / (sum(base) / len(base)):.3f}x" if base else "-"
-        print(f"| {name} | {', '.join(f'{v:.1f}' for v in values)} | {mean:.1f} | {ratio} | "
-              f"{sum(mats) / len(mats):.3f} |")
+        mine = [(i // per_round, r) for i, r in enumerate(runs) if r["name"] == name]
+        values = [r["tok_s"] for _, r in mine]
+        mats = [r["mat"] for _, r in mine]
+        ratios = [r["tok_s"] / base[k] for k, r in mine] if base else []
+        rounds = ", ".join(f"{x:.3f}" for x in ratios) or "-"
+        ratio = f"{sum(ratios) / len(ratios):.3f}x" if ratios else "-"
+        print(f"| {name} | {', '.join(f'{v:.1f}' for v in values)} | {sum(values) / len(values):.1f} | {rounds} | "
+              f"{ratio} | {sum(mats) / len(mats):.3f} |")
 
 
 if __name__ == "__main__":
