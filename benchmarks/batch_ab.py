@@ -20,7 +20,7 @@ Configurations (each run in its own engine process, one after the other, in roun
   shared table), levels up to n = 7, the adaptive stop probability, the batch-aware budget (verify cost
   measured on the engine), the shared cross-request table (= ANPD's defaults).
 Spec-Bench first turns (``--per-category``, 5 by default: the engine benchmark's batched set), greedy,
-float32, max_tokens 128,
+float32, max_tokens 128 (``--max-tokens``),
 closed loop with ``--batch`` requests in flight (``engine_bench.run_phase``). Appends one JSON line per run to
 results/batch_ab.jsonl (lines of 2026-11-23 count engine steps in ``steps``; later ones give ``mat``) and
 prints a summary (tok/s per configuration, its ratio to the same round's ``none`` run, MAT).
@@ -59,7 +59,7 @@ CONFIGS = {
 }
 
 
-def run_one(name: str, batch: int, n_prompts: int, per_category: int) -> dict:
+def run_one(name: str, batch: int, n_prompts: int, per_category: int, max_tokens: int = 128) -> dict:
     sys.path.insert(0, str(HERE))
     import engine_bench
     from vllm import LLM, SamplingParams
@@ -74,13 +74,14 @@ def run_one(name: str, batch: int, n_prompts: int, per_category: int) -> dict:
               **models.engine_kwargs(max_num_seqs=batch, **extra))
     llm.generate(["Hello, how are you?"], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     # The engine benchmark's closed loop (at most `batch` requests in flight), so both measure alike.
-    phase = engine_bench.run_phase(llm, {"method": name, "spec": spec, "max_tokens": 128},
+    phase = engine_bench.run_phase(llm, {"method": name, "spec": spec, "max_tokens": max_tokens},
                                    {"prompts": prompts, "batch": batch}, has_drafter=False)
     tokens = sum(len(t) for t in phase["tokens"])
     step_cost = None
     if spec and spec["method"] == "anpd":
         step_cost = llm.collective_rpc("anpd_stats")[0].get("step_cost")
-    return dict(step_cost=step_cost, name=name, batch=batch, prompts=n_prompts, per_category=per_category, elapsed=phase["elapsed"],
+    return dict(step_cost=step_cost, name=name, batch=batch, prompts=n_prompts, per_category=per_category,
+                max_tokens=max_tokens, elapsed=phase["elapsed"],
                 tokens=tokens, mat=tokens / sum(phase["steps"]), tok_s=tokens / phase["elapsed"], counters=phase["counters"])
 
 
@@ -90,11 +91,13 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--per-category", type=int, default=5, help="Spec-Bench prompts per category")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(run_one(args.worker, args.batch, args.prompts, args.per_category)),
+        print("RESULT " + json.dumps(run_one(args.worker, args.batch, args.prompts, args.per_category,
+                                                 args.max_tokens)),
               flush=True)
         return
     from tqdm import tqdm
@@ -104,7 +107,8 @@ def main() -> None:
     jobs = [name for _ in range(args.repeats) for name in args.configs]
     for name in tqdm(jobs, desc="engine runs"):
         proc = subprocess.run([sys.executable, __file__, "--worker", name, "--batch", str(args.batch),
-                               "--prompts", str(args.prompts), "--per-category", str(args.per_category)],
+                               "--prompts", str(args.prompts), "--per-category", str(args.per_category),
+                               "--max-tokens", str(args.max_tokens)],
                               capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
