@@ -37,6 +37,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 NEVER = 2**30  # a minimum count no successor reaches
+# The ablation's switches, each also turning off the components that come after it in the ablation.
+_ANPD = {"method": "anpd", "num_speculative_tokens": 5}
+_NO_CROSS = {"anpd_cross_request_entries": 0}
+_NO_BUDGET = {**_NO_CROSS, "anpd_verify_cost": 0.0, "anpd_measure_verify_cost": False}
+_NO_STOP = {**_NO_BUDGET, "anpd_stop_probability": 0.0}
 CONFIGS = {
     "none": (None, {}),
     "none-sync": (None, {"async_scheduling": False}),
@@ -47,13 +52,10 @@ CONFIGS = {
     "anpd-stop0.05": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_stop_probability": 0.05}, {}),
     "anpd-stop0.1": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_stop_probability": 0.1}, {}),
     # The ablation: each row adds one component to the one before (PAPER in vllm_anpd/core/config.py).
-    "abl-paper": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_n_max": 5, "anpd_stop_probability": 0.0,
-                   "anpd_verify_cost": 0.0, "anpd_measure_verify_cost": False, "anpd_cross_request_entries": 0}, {}),
-    "abl-levels": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_stop_probability": 0.0,
-                    "anpd_verify_cost": 0.0, "anpd_measure_verify_cost": False, "anpd_cross_request_entries": 0}, {}),
-    "abl-stop": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_verify_cost": 0.0,
-                  "anpd_measure_verify_cost": False, "anpd_cross_request_entries": 0}, {}),
-    "abl-budget": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_cross_request_entries": 0}, {}),
+    "abl-paper": ({**_ANPD, **_NO_STOP, "anpd_n_max": 5}, {}),
+    "abl-levels": ({**_ANPD, **_NO_STOP}, {}),
+    "abl-stop": ({**_ANPD, **_NO_BUDGET}, {}),
+    "abl-budget": ({**_ANPD, **_NO_CROSS}, {}),
     "ngram": ({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2, "prompt_lookup_max": 4}, {}),
     "suffix": ({"method": "suffix", "num_speculative_tokens": 5}, {}),
 }
