@@ -10,7 +10,8 @@ as an engine step does; the cross-request table starts half full of other text (
 that has run a while). vLLM's ngram proposer rescans the context at every step. The proposers take turns
 at every step, on the same contexts, back to back (``--forward-gap-us`` adds a busy pause, a stand-in for
 the forward pass): this shared 2-core VM drifts by tens of percent within a minute, and taking turns keeps
-that drift out of the ratios. ``--evict-mb`` reads a buffer before each turn (untimed), as the forward pass
+that drift out of the ratios. ``--turn-steps N`` makes a turn N steps and leaves each turn's first step
+uncounted: each proposer is then measured in its own steady state, not just after the others' work. ``--evict-mb`` reads a buffer before each turn (untimed), as the forward pass
 between two steps evicts every cache: each proposer then starts cold, instruction caches and Python's
 objects included. The figures are the median microseconds per step of a run, the lowest over
 ``--repeats`` runs. Two ANPD figures:
@@ -231,9 +232,10 @@ def main():
     text = "\n".join(md) + "\n"
     (RESULTS / f"{args.out}.md").write_text(text)
     print(text)
-    plot(rows, RESULTS / f"{args.out}.png",
-         f"caches evicted before each step ({args.evict_mb} MB read)" if args.evict_mb
-         else f"steps back to back, {args.turn_steps} per turn" if args.turn_steps > 1 else "steps back to back")
+    conditions = "steps back to back" + (f", {args.turn_steps} per turn" if args.turn_steps > 1 else "")
+    if args.evict_mb:
+        conditions = f"caches evicted before each step ({args.evict_mb} MB read)"
+    plot(rows, RESULTS / f"{args.out}.png", conditions)
 
 
 def plot(rows, path, conditions):
