@@ -11,9 +11,9 @@ that has run a while). vLLM's ngram proposer rescans the context at every step. 
 at every step, on the same contexts, back to back (``--forward-gap-us`` adds a busy pause, a stand-in for
 the forward pass): this shared 2-core VM drifts by tens of percent within a minute, and taking turns keeps
 that drift out of the ratios. ``--turn-steps N`` makes a turn N steps and leaves each turn's first step
-uncounted: each proposer is then measured in its own steady state, not just after the others' work. ``--evict-mb`` reads a buffer before each turn (untimed), as the forward pass
-between two steps evicts every cache: each proposer then starts cold, instruction caches and Python's
-objects included. The figures are the median microseconds per step of a run, the lowest over
+uncounted: each proposer is then measured in its own steady state, not just after the others' work.
+``--evict-mb`` reads a buffer before each turn (untimed), as the forward pass between two steps evicts every
+cache: each proposer then starts cold, instruction caches and Python's objects included. The figures are the median microseconds per step of a run, the lowest over
 ``--repeats`` runs. Two ANPD figures:
 
 * ``anpd_us``, what delays the engine: ANPD as the vLLM proposer runs it, drafting first and folding the
