@@ -83,8 +83,8 @@ def run_one(name: str, batch: int, n_prompts: int, per_category: int, max_tokens
     if spec and spec["method"] == "anpd":
         step_cost = llm.collective_rpc("anpd_stats")[0].get("step_cost")
     return dict(step_cost=step_cost, name=name, batch=batch, prompts=n_prompts, per_category=per_category,
-                max_tokens=max_tokens, elapsed=phase["elapsed"],
-                tokens=tokens, mat=tokens / sum(phase["steps"]), tok_s=tokens / phase["elapsed"], counters=phase["counters"])
+                max_tokens=max_tokens, elapsed=phase["elapsed"], tokens=tokens, mat=tokens / sum(phase["steps"]),
+                tok_s=tokens / phase["elapsed"], counters=phase["counters"])
 
 
 def main() -> None:

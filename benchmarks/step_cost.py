@@ -13,8 +13,8 @@ the forward pass): this shared 2-core VM drifts by tens of percent within a minu
 that drift out of the ratios. ``--turn-steps N`` makes a turn N steps and leaves each turn's first step
 uncounted: each proposer is then measured in its own steady state, not just after the others' work.
 ``--evict-mb`` reads a buffer before each turn (untimed), as the forward pass between two steps evicts every
-cache: each proposer then starts cold, instruction caches and Python's objects included. The figures are the median microseconds per step of a run, the lowest over
-``--repeats`` runs. Two ANPD figures:
+cache: each proposer then starts cold, instruction caches and Python's objects included. The figures are
+the median microseconds per step of a run, the lowest over ``--repeats`` runs. Two ANPD figures:
 
 * ``anpd_us``, what delays the engine: ANPD as the vLLM proposer runs it, drafting first and folding the
   step's tokens into its tables on a background thread while the target model runs (here: after the
