@@ -202,6 +202,9 @@ def main():
     args = ap.parse_args()
     if args.turn_steps < 1:
         ap.error(f"--turn-steps must be at least 1, got {args.turn_steps}")
+    if args.turn_steps > 1 and args.steps < 2:
+        ap.error(f"--steps {args.steps} with --turn-steps {args.turn_steps}: no step would be counted "
+                 "(each turn's first is not); use --steps 2 or more")
     overrides = json.loads(args.anpd)
     rows = []
     grid = [(c, b) for b in args.batches for c in args.contexts]
