@@ -1,6 +1,6 @@
 """Selection headroom: how much MAT would a perfect chooser get from the candidates the n-gram tables hold?
 
-    python benchmarks/headroom.py [--k 8] [--limit 480]
+    python benchmarks/headroom.py [--k 8] [--limit 480] [--cost A B]
 
 ANPD drafts, at each position, the top successor of the highest level whose key matches (the shared table's
 when the request's own tables have nothing). This replays the 480 Spec-Bench references through replay.py's
@@ -17,9 +17,21 @@ verification loop (batch 1, fixed k, no stop rule) with the same tables and six 
   table (the ceiling of any rule that chooses among levels and tables);
 * ``oracle-any``: the true next token whenever any matching key of either table was ever followed by it.
 
+And two ceilings of *stopping*, each a chooser above with a perfect stop rule (the draft ends just before
+its first wrong token, so no draft token is ever rejected):
+
+* ``highest+oracle-stop``: ``highest``'s drafts, cut perfectly (the ceiling of any stop rule or adaptive
+  length over ANPD's candidates: the MAT of drafting to k, the verification cost of drafting nothing wrong);
+* ``oracle-tops+oracle-stop``: ``oracle-tops``, cut perfectly (perfect choosing and perfect stopping).
+
+For reference, ANPD itself (the kernels, shipped defaults: stop probability and batch budget) and vLLM's
+``suffix`` (when arctic-inference is installed) run in the same replay. Every row gets a modelled speedup:
+the replayed steps priced with the step-time model ``a + b x tokens`` (``--cost``, by default this
+machine's calibration, section 5 of BENCHMARKS.md), against the same decoding without speculation.
+
 The oracles peek at the reference, so they are ceilings, not drafters; they say where better choosing could
 pay and where only more knowledge (a model) could. Pure Python dictionaries, ~10 s per chooser. Writes
-``benchmarks/results/headroom.{json,md,png}``.
+``benchmarks/results/headroom.{json,md,png}`` (``--out``).
 """
 
 from __future__ import annotations
@@ -33,12 +45,16 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from replay import Corpus, load_references, replay  # noqa: E402
+from replay import AnpdDrafter, Corpus, SuffixDrafter, load_references, replay  # noqa: E402
+
+from vllm_anpd.core import AnpdParams  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N_MIN, N_MAX = 2, 7  # ANPD's default levels
 CROSS_MIN_COUNT = 2  # ANPD's default gate of the shared table
-CHOOSERS = ("highest", "recent", "oracle-top2", "oracle-top-or-recent", "oracle-tops", "oracle-any")
+CHOOSERS = ("highest", "recent", "oracle-top2", "oracle-top-or-recent", "oracle-tops", "oracle-any",
+            "highest+oracle-stop", "oracle-tops+oracle-stop")
+CALIBRATED_COST = (0.06527, 0.004551)  # seconds per step + per scored token, batch 1 (BENCHMARKS.md, set-up)
 
 
 class Table:
@@ -78,6 +94,8 @@ class ChooserDrafter:
 
     def __init__(self, chooser: str, corpus):
         self.name, self.corpus = chooser, corpus
+        self.chooser, _, stop = chooser.partition("+")
+        self.perfect_stop = stop == "oracle-stop"
         self.shared = Table()
         self.own: dict[int, Table] = {}
         self.contexts: dict[int, list] = {}  # tokens folded into the request's own table so far
@@ -103,7 +121,7 @@ class ChooserDrafter:
             for j in range(k):
                 truth = int(tokens[i, n + j]) if n + j < end else -1
                 token = self.choose(own, chain, truth)
-                if token is None:
+                if token is None or (self.perfect_stop and token != truth):
                     break
                 drafts[i, j] = token
                 lens[i] += 1
@@ -113,73 +131,101 @@ class ChooserDrafter:
     def choose(self, own: Table, chain: list, truth: int):
         own_matches = list(own.matches(chain))
         shared_matches = list(self.shared.matches(chain, CROSS_MIN_COUNT))
-        if self.name == "recent" and own_matches:
+        if self.chooser == "recent" and own_matches:
             return own.last[own_matches[0][0]]
-        elif self.name == "oracle-top-or-recent" and own_matches:
+        elif self.chooser == "oracle-top-or-recent" and own_matches:
             key, _, top = own_matches[0]
             if truth in (top, own.last[key]):
                 return truth
-        elif self.name == "oracle-top2" and own_matches:
+        elif self.chooser == "oracle-top2" and own_matches:
             successors = own_matches[0][1]
             if truth in sorted(successors, key=successors.get, reverse=True)[:2]:
                 return truth
-        elif self.name == "oracle-tops":
+        elif self.chooser == "oracle-tops":
             if any(top == truth for _, _, top in own_matches + shared_matches):
                 return truth
-        elif self.name == "oracle-any":
+        elif self.chooser == "oracle-any":
             if any(truth in successors for _, successors, _ in own_matches + shared_matches):
                 return truth
         best = own_matches or shared_matches
         return best[0][2] if best else None
 
 
-def run(chooser: str, corpus, k: int) -> dict:
-    res = replay(corpus, ChooserDrafter(chooser, corpus), k, batch=1)
+def run(name: str, drafter, corpus, k: int, cost) -> dict:
+    res = replay(corpus, drafter, k, batch=1, cost=cost)
     steps = int(res["steps"].sum())
-    return {"chooser": chooser, "k": k, "mat": int(res["produced"].sum()) / steps,
-            "drafted_per_step": int(res["drafted"].sum()) / steps}
+    return {"chooser": name, "k": k, "mat": int(res["produced"].sum()) / steps,
+            "drafted_per_step": int(res["drafted"].sum()) / steps,
+            "modelled_speedup": res["modelled_baseline"] / res["modelled_time"]}
+
+
+def drafters(corpus, k: int):
+    """(name, drafter) of every row: the choosers, then ANPD's kernels and ``suffix`` for reference."""
+    for chooser in CHOOSERS:
+        yield chooser, ChooserDrafter(chooser, corpus)
+    yield "anpd (kernels, defaults)", AnpdDrafter(AnpdParams(num_speculative_tokens=k), len(corpus.refs))
+    try:
+        yield "suffix (vLLM defaults)", SuffixDrafter(k, corpus)
+    except ImportError:
+        print("arctic-inference not installed: the suffix row is skipped (VLLM_ANPD_SUFFIX=1 bash scripts/install.sh)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--limit", type=int, default=0, help="first N references only (0: all)")
+    ap.add_argument("--cost", type=float, nargs=2, default=list(CALIBRATED_COST), metavar=("A", "B"),
+                    help="step-time model a + b x tokens for the modelled speedup (default: this machine's)")
+    ap.add_argument("--out", type=str, default="headroom", help="results/<out>.{json,md,png}")
     args = ap.parse_args()
     references = load_references()
     if args.limit:
         references = references[:args.limit]
     corpus = Corpus(references)
-    rows = [run(chooser, corpus, args.k) for chooser in tqdm(CHOOSERS, desc="choosers")]
+    rows = [run(name, drafter, corpus, args.k, tuple(args.cost))
+            for name, drafter in tqdm(drafters(corpus, args.k), total=len(CHOOSERS) + 2, desc="drafters")]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "headroom.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))
     base = rows[0]["mat"]
-    lines = [f"| chooser (k = {args.k}, {len(references)} prompts) | MAT | vs highest | drafted/step |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| {r['chooser']} | {r['mat']:.3f} | {r['mat'] / base:.3f}x | {r['drafted_per_step']:.2f} |"
-              for r in rows]
+    suffix = next((r["modelled_speedup"] for r in rows if r["chooser"].startswith("suffix")), None)
+    lines = [f"| chooser (k = {args.k}, {len(references)} prompts) | MAT | vs highest | drafted/step "
+             "| modelled speedup (batch 1) | vs suffix's |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['chooser']} | {r['mat']:.3f} | {r['mat'] / base:.3f}x | {r['drafted_per_step']:.2f} "
+              f"| {r['modelled_speedup']:.3f} | "
+              + (f"{r['modelled_speedup'] / suffix:.3f}x |" if suffix else "- |") for r in rows]
     table = "\n".join(lines) + "\n"
-    (RESULTS / "headroom.md").write_text(table)
+    (RESULTS / f"{args.out}.md").write_text(table)
     print(table, end="")
-    plot(rows, args.k, len(references), RESULTS / "headroom.png")
+    plot(rows, args.k, len(references), RESULTS / f"{args.out}.png")
 
 
 def plot(rows: list, k: int, n_prompts: int, path: Path) -> None:
+    """Two panels over the same drafters: MAT, and the modelled speedup (where stopping shows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
     names = [r["chooser"] for r in rows]
-    values = [r["mat"] for r in rows]
-    bars = ax.bar(names, values, color=["tab:blue"] + ["tab:gray"] * (len(rows) - 1))
-    ax.bar_label(bars, fmt="%.3f")
-    ax.set_ylabel("mean accepted tokens per step (MAT)")
-    ax.set_xlabel("chooser (oracles peek at the reference: ceilings, not drafters)")
-    ax.set_title(f"Selection headroom, Spec-Bench replay, batch 1, k = {k}, {n_prompts} prompts")
-    ax.set_ylim(1.0, max(values) * 1.1)
+    colors = ["tab:orange" if not n.startswith(("highest", "recent", "oracle")) else
+              "tab:blue" if n == "highest" else "tab:gray" for n in names]
+    fig, axes = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    panels = (("mat", "mean accepted tokens\nper step (MAT)"),
+              ("modelled_speedup", "modelled speedup vs\nno speculation (batch 1)"))
+    for ax, (field, label) in zip(axes, panels):
+        values = [r[field] for r in rows]
+        ax.bar_label(ax.bar(names, values, color=colors), fmt="%.3f")
+        ax.set_ylabel(label)
+        ax.set_ylim(1.0, max(values) * 1.12)
+    axes[1].tick_params(axis="x", labelrotation=30)
+    for label in axes[1].get_xticklabels():
+        label.set_horizontalalignment("right")
+    axes[1].set_xlabel("drafter (oracles peek at the reference: ceilings; orange: real drafters)")
+    axes[0].set_title(f"Selection and stopping headroom, Spec-Bench replay, batch 1, k = {k}, {n_prompts} prompts")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
 
 if __name__ == "__main__":
     main()
