@@ -191,17 +191,21 @@ def replay(corpus: Corpus, drafter, k: int, batch: int = 0, cost=(1.0, 0.0)):
     drafted = np.zeros(n, np.int64)
     accepted = np.zeros(n, np.int64)
     admitted = np.zeros(n, bool)
-    admitted[:batch] = True
     a, b = cost
     modelled_time = 0.0
     t0 = time.perf_counter()
     while True:
+        # Continuous batching: waiting requests join, in order, whenever fewer than `batch` are unfinished.
+        # A request whose whole output is its prefill's token finishes on joining and frees its place at
+        # once, as in baseline_time (else the two would model different batch sizes).
         active = admitted & (produced < corpus.out_len)
-        if not active.any():
-            if admitted.all():
-                break
-            admitted[np.flatnonzero(~admitted)[:batch]] = True
+        waiting = np.flatnonzero(~admitted)
+        room = batch - int(active.sum())
+        if room > 0 and len(waiting):
+            admitted[waiting[:room]] = True
             continue
+        if not active.any():
+            break
         num_tokens = corpus.prompt_len + produced
         drafts, lens = drafter.propose(corpus.tokens, num_tokens, active, k)
         idx = np.flatnonzero(active)
@@ -218,10 +222,6 @@ def replay(corpus: Corpus, drafter, k: int, batch: int = 0, cost=(1.0, 0.0)):
             accepted[i] += match
             produced[i] += match + 1
             steps[i] += 1
-            if produced[i] >= corpus.out_len[i]:  # finished: the next waiting request joins
-                waiting = np.flatnonzero(~admitted)
-                if len(waiting):
-                    admitted[waiting[0]] = True
     return dict(produced=produced, steps=steps, drafted=drafted, accepted=accepted,
                 seconds=time.perf_counter() - t0, modelled_time=modelled_time,
                 modelled_baseline=baseline_time(corpus, batch, cost))

@@ -1,0 +1,133 @@
+"""The replay simulator (``benchmarks/replay.py``) and the headroom oracles (``benchmarks/headroom.py``): their
+verification semantics on synthetic references, in seconds (no engine, no cached references).
+
+Every MAT and modelled speedup in BENCHMARKS.md sections 1 and 3 comes out of ``replay.replay``; these tests pin
+what it counts: one token per prefill, the longest matching draft prefix plus one token per step, never past the
+reference's end, and a modelled time equal to the baseline's when nothing is drafted."""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import headroom  # noqa: E402
+from replay import AnpdDrafter, Corpus, VllmNgramDrafter, replay  # noqa: E402
+
+from vllm_anpd.core import AnpdParams  # noqa: E402
+
+COST = (0.065, 0.0045)  # seconds per step + per scored token, as calibrated here
+
+
+def synthetic_corpus(seed: int, n: int = 12, vocab: int = 5, min_out: int = 1) -> Corpus:
+    """Random prompts and outputs over a tiny vocabulary (so that n-grams repeat and drafts happen)."""
+    rng = np.random.default_rng(seed)
+    refs = []
+    for i in range(n):
+        prompt = rng.integers(1, vocab + 1, int(rng.integers(1, 40))).tolist()
+        output = rng.integers(1, vocab + 1, int(rng.integers(min_out, 60))).tolist()
+        refs.append({"prompt_ids": prompt, "output_ids": output, "category": f"c{i % 3}"})
+    return Corpus(refs)
+
+
+class ReferenceDrafter:
+    """Drafts the reference continuation itself, up to k tokens and up to the reference's end."""
+
+    def __init__(self, corpus):
+        self.corpus = corpus
+
+    def propose(self, tokens, num_tokens, active, k):
+        drafts = np.zeros((len(active), k), np.int32)
+        lens = np.zeros(len(active), np.int32)
+        for i in np.flatnonzero(active):
+            n = int(num_tokens[i])
+            length = min(k, int(self.corpus.prompt_len[i] + self.corpus.out_len[i]) - n)
+            drafts[i, :length] = tokens[i, n:n + length]
+            lens[i] = length
+        return drafts, lens
+
+
+class NoDrafter:
+    def propose(self, tokens, num_tokens, active, k):
+        return np.zeros((len(active), k), np.int32), np.zeros(len(active), np.int32)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_perfect_drafts_give_k_plus_one_tokens_per_step(k):
+    corpus = synthetic_corpus(seed=k)
+    res = replay(corpus, ReferenceDrafter(corpus), k, batch=4)
+    assert np.array_equal(res["produced"], corpus.out_len)
+    # Prefill yields one token; each later step k accepted + the target's own, the last one whatever is left.
+    expected_steps = [1 + math.ceil((n - 1) / (k + 1)) for n in corpus.out_len]
+    assert res["steps"].tolist() == expected_steps
+    # The reference's last token is always the target's own, never an accepted draft token.
+    assert np.array_equal(res["accepted"], corpus.out_len - res["steps"])
+
+
+@pytest.mark.parametrize("batch", [1, 4, 0])
+def test_no_drafts_is_one_token_per_step_and_modelled_like_the_baseline(batch):
+    corpus = synthetic_corpus(seed=7, n=15)
+    res = replay(corpus, NoDrafter(), 5, batch=batch, cost=COST)
+    assert np.array_equal(res["produced"], corpus.out_len)
+    assert np.array_equal(res["steps"], corpus.out_len)
+    assert res["drafted"].sum() == res["accepted"].sum() == 0
+    assert res["modelled_time"] == pytest.approx(res["modelled_baseline"])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_requests_that_finish_at_prefill_do_not_shrink_the_batch(batch):
+    """One-token outputs end at their prefill; the next waiting request must take their place, as in the
+    baseline's continuous batching (otherwise the modelled speedup compares different batch sizes)."""
+    corpus = synthetic_corpus(seed=3, n=10)
+    corpus.out_len[[0, 1, 4]] = 1
+    res = replay(corpus, NoDrafter(), 5, batch=batch, cost=COST)
+    assert np.array_equal(res["produced"], corpus.out_len)
+    assert res["modelled_time"] == pytest.approx(res["modelled_baseline"])
+
+
+@pytest.mark.parametrize("chooser", ["highest", "oracle-tops"])
+def test_a_perfect_stop_keeps_the_choosers_mat_and_rejects_nothing(chooser):
+    corpus = synthetic_corpus(seed=11, vocab=3)
+    plain = replay(corpus, headroom.ChooserDrafter(chooser, corpus), 6, batch=1)
+    stopped = replay(corpus, headroom.ChooserDrafter(chooser + "+oracle-stop", corpus), 6, batch=1)
+    assert plain["drafted"].sum() > plain["accepted"].sum() > 0  # the plain chooser does draft wrong tokens
+    assert np.array_equal(stopped["steps"], plain["steps"])
+    assert np.array_equal(stopped["accepted"], plain["accepted"])
+    # Only a request's last token can be drafted and not accepted (it is the target's own, see above).
+    assert np.all((stopped["drafted"] - stopped["accepted"] >= 0) & (stopped["drafted"] - stopped["accepted"] <= 1))
+
+
+def test_oracle_tops_accepts_at_least_what_highest_does_at_each_first_step():
+    """On the first decode step of each request both choosers see the same tables, and the oracle takes the
+    true token whenever any level's top is it, so its accepted prefix is never shorter there."""
+    corpus = synthetic_corpus(seed=5, vocab=3)
+    counts = {}
+    for chooser in ("highest", "oracle-tops"):
+        drafter = headroom.ChooserDrafter(chooser, corpus)
+        n = corpus.prompt_len + 1  # after the prefill's token
+        active = corpus.out_len > 1
+        drafts, lens = drafter.propose(corpus.tokens, n, active, 6)
+        counts[chooser] = [int(np.argmin(np.append(drafts[i, :lens[i]] == corpus.tokens[i, n[i]:n[i] + lens[i]],
+                                                   False))) for i in np.flatnonzero(active)]
+    assert all(o >= h for o, h in zip(counts["oracle-tops"], counts["highest"]))
+
+
+def test_anpd_and_vllm_ngram_in_the_replay_within_limits_and_paying_where_outputs_copy():
+    rng = np.random.default_rng(2)
+    refs = []
+    for i in range(8):  # outputs that copy a span of their prompt, then go on at random
+        prompt = rng.integers(1, 50, 40).tolist()
+        refs.append({"prompt_ids": prompt, "output_ids": prompt[5:35] + rng.integers(1, 50, 10).tolist(),
+                     "category": "copy"})
+    corpus = Corpus(refs)
+    k = 5
+    for drafter in (AnpdDrafter(AnpdParams(num_speculative_tokens=k), len(refs)),
+                    VllmNgramDrafter(2, 4, k, len(refs), corpus.tokens.shape[1] + k + 2)):
+        res = replay(corpus, drafter, k, batch=4, cost=COST)
+        assert np.array_equal(res["produced"], corpus.out_len)
+        assert np.all(res["accepted"] <= res["drafted"])
+        assert np.all(res["drafted"] <= k * (res["steps"] - 1))  # no draft at the prefill step
+        assert res["produced"].sum() / res["steps"].sum() > 2.0  # the copied spans are drafted and accepted
+        assert res["modelled_time"] < res["modelled_baseline"]
