@@ -2,6 +2,7 @@
 
     python benchmarks/step_cost.py [--contexts 1024 4096 16384 32768] [--batches 1 16 64 256] [--steps 50] [--repeats 3]
     python benchmarks/step_cost.py --anpd '{"cross_request_entries": 0}' --out step_cost_no_shared
+    python benchmarks/step_cost.py --context-pairs 12 --turn-steps 10 --out step_cost_context_pairs
 
 Each request's context is real text (Spec-Bench prompts and reference outputs tiled, or the Spec-Bench
 prompts alone if the references are not cached). ANPD first folds the context in (not timed, that is prefill); then each
@@ -20,6 +21,11 @@ the median microseconds per step of a run, the lowest over ``--repeats`` runs. T
   step's tokens into its tables on a background thread while the target model runs (here: after the
   timed step, waited for before the next proposer's turn, so that it overlaps nothing measured);
 * ``anpd_total_us``, all of its work: the same with the fold done inside the step.
+
+``--context-pairs N`` measures context independence for itself: per batch size, ANPD alone at the smallest
+and the largest context, the two alternating N times (same conditions as above), and the median of the N
+ratios of each pair. A ratio of two runs a few seconds apart is far less exposed to the drift than two grid
+points, and the median of many to one bad pair.
 
 Writes ``benchmarks/results/<out>.{json,md,png}`` (``--out`` defaults to ``step_cost``).
 """
@@ -196,6 +202,9 @@ def main():
     ap.add_argument("--turn-steps", type=int, default=1,
                     help="consecutive steps per proposer's turn; above 1, each turn's first step is not counted "
                          "(each proposer measured in its own steady state)")
+    ap.add_argument("--context-pairs", type=int, default=0,
+                    help="instead of the grid: per batch size, N alternating ANPD runs at the smallest and the "
+                         "largest context, and the median of their cost ratios")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--anpd", default="{}", help="JSON of AnpdParams overrides, e.g. '{\"cross_request_entries\": 0}'")
     ap.add_argument("--out", default="step_cost", help="results/<out>.{json,md,png}")
@@ -205,7 +214,12 @@ def main():
     if args.turn_steps > 1 and args.steps < 2:
         ap.error(f"--steps {args.steps} with --turn-steps {args.turn_steps}: no step would be counted "
                  "(each turn's first is not); use --steps 2 or more")
+    if args.context_pairs < 0:
+        ap.error(f"--context-pairs must be 0 (off) or more, got {args.context_pairs}")
     overrides = json.loads(args.anpd)
+    if args.context_pairs:
+        context_pairs(args, overrides)
+        return
     rows = []
     grid = [(c, b) for b in args.batches for c in args.contexts]
     for context, batch in tqdm(grid, desc="step cost"):
@@ -235,10 +249,70 @@ def main():
     text = "\n".join(md) + "\n"
     (RESULTS / f"{args.out}.md").write_text(text)
     print(text)
+    plot(rows, RESULTS / f"{args.out}.png", _conditions(args))
+
+
+def _conditions(args) -> str:
     conditions = "steps back to back" + (f", {args.turn_steps} per turn" if args.turn_steps > 1 else "")
     if args.evict_mb:
         conditions = f"caches evicted before each step ({args.evict_mb} MB read)"
-    plot(rows, RESULTS / f"{args.out}.png", conditions)
+    return conditions
+
+
+def context_pairs(args, overrides) -> None:
+    """Per batch size: ANPD alone at the smallest and the largest context, alternating (which goes first too),
+    ``--context-pairs`` times; writes each pair's cost ratio and their median."""
+    low, high = min(args.contexts), max(args.contexts)
+    evict = np.ones(args.evict_mb << 17, np.int64) if args.evict_mb else None
+    rows = []
+    for batch in tqdm(args.batches, desc="context pairs"):
+        tokens = {c: make_batch(c, batch, args.steps) for c in (low, high)}
+        pairs = []
+        for i in range(args.context_pairs):
+            us = {c: run_point(tokens[c], c, batch, args.steps, overrides, args.forward_gap_us * 1e-6, False, evict,
+                               args.turn_steps)["anpd_us"]
+                  for c in ((low, high) if i % 2 == 0 else (high, low))}
+            pairs.append((us[low], us[high]))
+        ratios = [h / lo for lo, h in pairs]
+        rows.append(dict(batch=batch, low_context=low, high_context=high, pairs=pairs,
+                         median_ratio=float(np.median(ratios)), min_ratio=min(ratios), max_ratio=max(ratios),
+                         low_median_us=float(np.median([p[0] for p in pairs])),
+                         high_median_us=float(np.median([p[1] for p in pairs]))))
+        del tokens
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    md = [f"| batch | ANPD us/step at {low} (median) | at {high} (median) | {high} / {low}: median of the pairs' "
+          "ratios | lowest, highest pair |", "|---:|---:|---:|---:|---|"]
+    md += [f"| {r['batch']} | {r['low_median_us']:.0f} | {r['high_median_us']:.0f} | {r['median_ratio']:.2f}x | "
+           f"{r['min_ratio']:.2f}x, {r['max_ratio']:.2f}x |" for r in rows]
+    text = "\n".join(md) + "\n"
+    (RESULTS / f"{args.out}.md").write_text(text)
+    print(text)
+    plot_pairs(rows, RESULTS / f"{args.out}.png", _conditions(args))
+
+
+def plot_pairs(rows, path, conditions):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for x, r in enumerate(rows):
+        ratios = [h / lo for lo, h in r["pairs"]]
+        ax.plot([x] * len(ratios), ratios, "o", color="tab:blue", alpha=0.4)
+        ax.plot([x - 0.25, x + 0.25], [r["median_ratio"]] * 2, "-", color="tab:blue", linewidth=3)
+    ax.axhline(1.5, color="tab:red", linestyle="--", label="target: at most 1.5x")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), [str(r["batch"]) for r in rows])
+    ax.set_xlabel("batch size")
+    low, high = rows[0]["low_context"], rows[0]["high_context"]
+    ax.set_ylabel(f"ANPD step cost at {high} / at {low} tokens")
+    ax.set_title(f"Context independence: pairs of runs (dots) and their median (bar)\n{conditions}", fontsize=10)
+    ax.legend()
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def plot(rows, path, conditions):
