@@ -188,7 +188,7 @@ def main() -> None:
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))
     base = rows[0]["mat"]
     suffix = next((r["modelled_speedup"] for r in rows if r["chooser"].startswith("suffix")), None)
-    lines = [f"| chooser (k = {args.k}, {len(references)} prompts) | MAT | vs highest | drafted/step "
+    lines = [f"| drafter (k = {args.k}, {len(references)} prompts) | MAT | vs highest | drafted/step "
              "| modelled speedup (batch 1) | vs suffix's |",
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['chooser']} | {r['mat']:.3f} | {r['mat'] / base:.3f}x | {r['drafted_per_step']:.2f} "

@@ -24,8 +24,8 @@ the median microseconds per step of a run, the lowest over ``--repeats`` runs. T
 
 ``--context-pairs N`` measures context independence for itself: per batch size, ANPD alone at the smallest
 and the largest context, the two alternating N times (same conditions as above), and the median of the N
-ratios of each pair. A ratio of two runs a few seconds apart is far less exposed to the drift than two grid
-points, and the median of many to one bad pair.
+ratios of each pair. A ratio of two runs a few seconds apart is far less exposed to the drift than the ratio
+of two grid points, and a median of many pairs is far less exposed to one bad pair.
 
 Writes ``benchmarks/results/<out>.{json,md,png}`` (``--out`` defaults to ``step_cost``).
 """
@@ -216,6 +216,8 @@ def main():
                  "(each turn's first is not); use --steps 2 or more")
     if args.context_pairs < 0:
         ap.error(f"--context-pairs must be 0 (off) or more, got {args.context_pairs}")
+    if args.context_pairs and min(args.contexts) == max(args.contexts):
+        ap.error(f"--context-pairs compares the smallest and the largest of --contexts, got only {args.contexts}")
     overrides = json.loads(args.anpd)
     if args.context_pairs:
         context_pairs(args, overrides)

@@ -21,13 +21,13 @@ from vllm_anpd.core import AnpdParams  # noqa: E402
 COST = (0.065, 0.0045)  # seconds per step + per scored token, as calibrated here
 
 
-def synthetic_corpus(seed: int, n: int = 12, vocab: int = 5, min_out: int = 1) -> Corpus:
+def synthetic_corpus(seed: int, n: int = 12, vocab: int = 5) -> Corpus:
     """Random prompts and outputs over a tiny vocabulary (so that n-grams repeat and drafts happen)."""
     rng = np.random.default_rng(seed)
     refs = []
     for i in range(n):
         prompt = rng.integers(1, vocab + 1, int(rng.integers(1, 40))).tolist()
-        output = rng.integers(1, vocab + 1, int(rng.integers(min_out, 60))).tolist()
+        output = rng.integers(1, vocab + 1, int(rng.integers(1, 60))).tolist()  # some of one token
         refs.append({"prompt_ids": prompt, "output_ids": output, "category": f"c{i % 3}"})
     return Corpus(refs)
 
