@@ -96,7 +96,8 @@ def test_a_perfect_stop_keeps_the_choosers_mat_and_rejects_nothing(chooser):
     assert np.array_equal(stopped["steps"], plain["steps"])
     assert np.array_equal(stopped["accepted"], plain["accepted"])
     # Only a request's last token can be drafted and not accepted (it is the target's own, see above).
-    assert np.all((stopped["drafted"] - stopped["accepted"] >= 0) & (stopped["drafted"] - stopped["accepted"] <= 1))
+    rejected = stopped["drafted"] - stopped["accepted"]
+    assert np.all((rejected >= 0) & (rejected <= 1))
 
 
 def test_oracle_tops_accepts_at_least_what_highest_does_at_each_first_step():
@@ -111,6 +112,7 @@ def test_oracle_tops_accepts_at_least_what_highest_does_at_each_first_step():
         drafts, lens = drafter.propose(corpus.tokens, n, active, 6)
         counts[chooser] = [int(np.argmin(np.append(drafts[i, :lens[i]] == corpus.tokens[i, n[i]:n[i] + lens[i]],
                                                    False))) for i in np.flatnonzero(active)]
+    assert sum(counts["highest"]) > 0  # not vacuous: the plain rule's drafts are partly right
     assert all(o >= h for o, h in zip(counts["oracle-tops"], counts["highest"]))
 
 
