@@ -276,7 +276,7 @@ def context_pairs(args, overrides) -> None:
                   for c in ((low, high) if i % 2 == 0 else (high, low))}
             pairs.append((us[low], us[high]))
         ratios = [h / lo for lo, h in pairs]
-        rows.append(dict(batch=batch, low_context=low, high_context=high, pairs=pairs,
+        rows.append(dict(batch=batch, low_context=low, high_context=high, pairs=pairs, ratios=ratios,
                          median_ratio=float(np.median(ratios)), min_ratio=min(ratios), max_ratio=max(ratios),
                          low_median_us=float(np.median([p[0] for p in pairs])),
                          high_median_us=float(np.median([p[1] for p in pairs]))))
@@ -301,8 +301,7 @@ def plot_pairs(rows, path, conditions):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for x, r in enumerate(rows):
-        ratios = [h / lo for lo, h in r["pairs"]]
-        ax.plot([x] * len(ratios), ratios, "o", color="tab:blue", alpha=0.4)
+        ax.plot([x] * len(r["ratios"]), r["ratios"], "o", color="tab:blue", alpha=0.4)
         ax.plot([x - 0.25, x + 0.25], [r["median_ratio"]] * 2, "-", color="tab:blue", linewidth=3)
     ax.axhline(1.5, color="tab:red", linestyle="--", label="target: at most 1.5x")
     ax.axhline(1.0, color="gray", linewidth=0.8)
