@@ -27,7 +27,8 @@ and the largest context, the two alternating N times (same conditions as above),
 ratios of each pair. A ratio of two runs a few seconds apart is far less exposed to the drift than the ratio
 of two grid points, and a median of many pairs is far less exposed to one bad pair.
 
-Writes ``benchmarks/results/<out>.{json,md,png}`` (``--out`` defaults to ``step_cost``).
+Writes ``benchmarks/results/<out>.{json,md,png}`` (``--out`` defaults to ``step_cost``), each naming the
+machine (CPU, caches, versions, commit: ``machine.py``) and the text it was measured on.
 """
 
 from __future__ import annotations
@@ -44,12 +45,29 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
 from make_references import reference_path  # noqa: E402
 
 from vllm_anpd.core import AnpdParams, NgramTables  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K = 8
+
+
+def stream_source() -> str:
+    """Which text ``base_stream`` tiles (drafts, and so costs, differ a little between the two)."""
+    if reference_path(256).exists():
+        return "Spec-Bench prompts + reference outputs"
+    return "Spec-Bench prompts only (no cached references)"
+
+
+def provenance() -> dict:
+    """Stored with every result: the machine and the text (see ``machine.py``)."""
+    return {"machine": machine.describe(), "stream": stream_source()}
+
+
+def provenance_line(info: dict) -> str:
+    return f"Measured on {machine.one_line(info['machine'])}. Text: {info['stream']}.\n\n"
 
 
 @functools.lru_cache(maxsize=1)
@@ -238,7 +256,8 @@ def main():
         rows.append(row)
         del tokens
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    info = provenance()
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), **info, "rows": rows}, indent=1))
     md = ["| batch | context | ANPD us/step | ANPD work us/step (fold in the step) | vLLM ngram us/step | "
           "ngram / ANPD | ngram / ANPD work | ANPD state bytes/token |",
           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -248,7 +267,7 @@ def main():
         ratio_total = f"{ng / r['anpd_total_us']:.1f}x" if ng else "-"
         md.append(f"| {r['batch']} | {r['context']} | {r['anpd_us']:.0f} | {r['anpd_total_us']:.0f} | "
                   f"{f'{ng:.0f}' if ng else '-'} | {ratio} | {ratio_total} | {r['anpd_state_bytes_per_token']:.0f} |")
-    text = "\n".join(md) + "\n"
+    text = provenance_line(info) + "\n".join(md) + "\n"
     (RESULTS / f"{args.out}.md").write_text(text)
     print(text)
     plot(rows, RESULTS / f"{args.out}.png", _conditions(args))
@@ -282,12 +301,13 @@ def context_pairs(args, overrides) -> None:
                          high_median_us=float(np.median([p[1] for p in pairs]))))
         del tokens
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    info = provenance()
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), **info, "rows": rows}, indent=1))
     md = [f"| batch | ANPD us/step at {low} (median) | at {high} (median) | {high} / {low}: median of the pairs' "
           "ratios | lowest, highest pair |", "|---:|---:|---:|---:|---|"]
     md += [f"| {r['batch']} | {r['low_median_us']:.0f} | {r['high_median_us']:.0f} | {r['median_ratio']:.2f}x | "
            f"{r['min_ratio']:.2f}x, {r['max_ratio']:.2f}x |" for r in rows]
-    text = "\n".join(md) + "\n"
+    text = provenance_line(info) + "\n".join(md) + "\n"
     (RESULTS / f"{args.out}.md").write_text(text)
     print(text)
     plot_pairs(rows, RESULTS / f"{args.out}.png", _conditions(args))

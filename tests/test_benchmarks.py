@@ -133,3 +133,24 @@ def test_anpd_and_vllm_ngram_in_the_replay_within_limits_and_paying_where_output
         assert np.all(res["drafted"] <= k * (res["steps"] - 1))  # no draft at the prefill step
         assert res["produced"].sum() / res["steps"].sum() > 2.0  # the copied spans are drafted and accepted
         assert res["modelled_time"] < res["modelled_baseline"]
+
+
+def test_step_cost_results_name_their_machine_and_text(tmp_path, monkeypatch):
+    """A proposer cost is a memory-latency figure: without the machine it was measured on it compares with
+    nothing (vLLM ngram's 16k x 64 step differs 2x between two of this project's VMs)."""
+    import json
+
+    import step_cost
+
+    monkeypatch.setattr(step_cost, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["step_cost.py", "--contexts", "64", "--batches", "2", "--steps", "3",
+                                      "--repeats", "1", "--skip-vllm", "--out", "tiny"])
+    step_cost.main()
+    result = json.loads((tmp_path / "tiny.json").read_text())
+    assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
+    assert result["machine"]["commit"] != ""
+    assert result["stream"].startswith("Spec-Bench prompts")
+    assert result["rows"][0]["anpd_us"] > 0
+    first_line = (tmp_path / "tiny.md").read_text().splitlines()[0]
+    assert first_line.startswith("Measured on ") and result["machine"]["cpu"] in first_line
+    assert result["stream"] in first_line
