@@ -196,6 +196,40 @@ def test_batch_equals_per_request_calls(contexts, k):
         assert run_single(single, single.acquire(), c, k) == batched[i]
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(params=params_strategy, streams=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=80), min_size=2,
+                                                max_size=6),
+       data=st.data())
+def test_batch_of_growing_requests_equals_oracle_at_every_step(params, streams, data):
+    """Metamorphic, over many steps: requests of one batch grow by different numbers of tokens per step (so
+    their unfolded windows differ), come in a different row order each step, with different draft limits;
+    every row's draft equals the oracle's for that request alone. The single-step batch test above cannot see
+    what a batch carries from step to step (each row's window of unfolded tokens, its slot in a new row,
+    its last draft's score): a row reading another's state would show here."""
+    t = NgramTables(params, num_slots=2, max_batch=2)  # both must grow
+    slots = [t.acquire() for _ in streams]
+    width = max(len(c) for c in streams)
+    lengths = [0] * len(streams)
+    while any(n < len(c) for n, c in zip(lengths, streams)):
+        before = list(lengths)
+        for i, c in enumerate(streams):
+            lengths[i] = min(len(c), lengths[i] + data.draw(st.integers(0, 12)))
+        if lengths == before:  # every step makes progress
+            i = next(i for i, c in enumerate(streams) if lengths[i] < len(c))
+            lengths[i] += 1
+        order = data.draw(st.permutations(range(len(streams))))
+        limits = [data.draw(st.integers(0, params.num_speculative_tokens)) for _ in order]
+        rows = np.zeros((len(order), width), np.int32)
+        for r, i in enumerate(order):
+            rows[r, :len(streams[i])] = streams[i]
+        drafts, lens = t.step(rows, np.array([lengths[i] for i in order]), np.array([slots[i] for i in order],
+                                                                                   np.int32),
+                              np.array(limits, np.int32))
+        for r, i in enumerate(order):
+            expected = oracle.draft(streams[i][:lengths[i]], params, limits[r])
+            assert drafts[r, :lens[r]].tolist() == expected, (r, i, lengths[i])
+
+
 @settings(max_examples=60, deadline=None)
 @given(first=small_tokens, second=small_tokens, k=st.integers(1, 8))
 def test_release_then_reuse_leaves_no_trace(first, second, k):
