@@ -204,8 +204,8 @@ def test_batch_of_growing_requests_equals_oracle_at_every_step(params, streams, 
     """Metamorphic, over many steps: requests of one batch grow by different numbers of tokens per step (so
     their unfolded windows differ), come in a different row order each step, with different draft limits;
     every row's draft equals the oracle's for that request alone. The single-step batch test above cannot see
-    what a batch carries from step to step (each row's window of unfolded tokens, its slot in a new row,
-    its last draft's score): a row reading another's state would show here."""
+    what a batch carries from step to step (each row's window of tokens not folded into its tables yet, its
+    slot in a new row): a row reading another's state would show here."""
     t = NgramTables(params, num_slots=2, max_batch=2)  # both must grow
     slots = [t.acquire() for _ in streams]
     width = max(len(c) for c in streams)
@@ -222,9 +222,9 @@ def test_batch_of_growing_requests_equals_oracle_at_every_step(params, streams, 
         rows = np.zeros((len(order), width), np.int32)
         for r, i in enumerate(order):
             rows[r, :len(streams[i])] = streams[i]
-        drafts, lens = t.step(rows, np.array([lengths[i] for i in order]), np.array([slots[i] for i in order],
-                                                                                   np.int32),
-                              np.array(limits, np.int32))
+        num_tokens = np.array([lengths[i] for i in order])
+        row_slots = np.array([slots[i] for i in order], np.int32)
+        drafts, lens = t.step(rows, num_tokens, row_slots, np.array(limits, np.int32))
         for r, i in enumerate(order):
             expected = oracle.draft(streams[i][:lengths[i]], params, limits[r])
             assert drafts[r, :lens[r]].tolist() == expected, (r, i, lengths[i])
