@@ -22,8 +22,8 @@ Configurations (each run in its own engine process, one after the other, in roun
 Spec-Bench first turns (``--per-category``, 5 by default: the engine benchmark's batched set), greedy,
 float32, max_tokens 128 (``--max-tokens``),
 closed loop with ``--batch`` requests in flight (``engine_bench.run_phase``). Appends one JSON line per run to
-results/batch_ab.jsonl (lines of 2026-11-23 count engine steps in ``steps``; later ones give ``mat``) and
-prints a summary (tok/s per configuration, its ratio to the same round's ``none`` run, MAT).
+results/batch_ab.jsonl (lines of 2026-11-23 count engine steps in ``steps``; later ones give ``mat``; lines
+from 2026-11-27 afternoon on name their ``machine``; earlier ones do not) and prints a summary (tok/s per configuration, its ratio to the same round's ``none`` run, MAT).
 """
 
 from __future__ import annotations
@@ -104,7 +104,10 @@ def main() -> None:
         return
     from tqdm import tqdm
 
+    import machine  # beside this script
+
     RESULTS.mkdir(exist_ok=True)
+    measured_on = machine.describe()  # the file gathers runs of several machines: tok/s differ 2.5x between two VMs
     runs = []
     jobs = [name for _ in range(args.repeats) for name in args.configs]
     for name in tqdm(jobs, desc="engine runs"):
@@ -116,7 +119,7 @@ def main() -> None:
         if proc.returncode or not lines:
             sys.stderr.write(proc.stderr[-3000:])
             raise SystemExit(f"run {name!r} failed (exit code {proc.returncode})")
-        result = json.loads(lines[-1][len("RESULT "):])
+        result = json.loads(lines[-1][len("RESULT "):]) | {"machine": measured_on}
         runs.append(result)
         with open(RESULTS / "batch_ab.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")
