@@ -23,7 +23,8 @@ Spec-Bench first turns (``--per-category``, 5 by default: the engine benchmark's
 float32, max_tokens 128 (``--max-tokens``),
 closed loop with ``--batch`` requests in flight (``engine_bench.run_phase``). Appends one JSON line per run to
 results/batch_ab.jsonl (lines of 2026-11-23 count engine steps in ``steps``; later ones give ``mat``; lines
-from 2026-11-27 afternoon on name their ``machine``; earlier ones do not) and prints a summary (tok/s per configuration, its ratio to the same round's ``none`` run, MAT).
+from 2026-11-27 afternoon on name their ``machine``, earlier ones do not) and prints a summary (tok/s per
+configuration, its ratio to the same round's ``none`` run, MAT).
 """
 
 from __future__ import annotations
