@@ -143,14 +143,17 @@ def test_step_cost_results_name_their_machine_and_text(tmp_path, monkeypatch):
     import step_cost
 
     monkeypatch.setattr(step_cost, "RESULTS", tmp_path)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")  # recorded only: read by glibc at start-up
     monkeypatch.setattr(sys, "argv", ["step_cost.py", "--contexts", "64", "--batches", "2", "--steps", "3",
                                       "--repeats", "1", "--skip-vllm", "--out", "tiny"])
     step_cost.main()
     result = json.loads((tmp_path / "tiny.json").read_text())
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
     assert result["machine"]["commit"] != ""
+    assert result["machine"]["glibc_tunables"] == "glibc.malloc.hugetlb=1"
     assert result["stream"].startswith("Spec-Bench prompts")
     assert result["rows"][0]["anpd_us"] > 0
     first_line = (tmp_path / "tiny.md").read_text().splitlines()[0]
     assert first_line.startswith("Measured on ") and result["machine"]["cpu"] in first_line
     assert result["stream"] in first_line
+    assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in first_line  # malloc's huge pages move these costs
