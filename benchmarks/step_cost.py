@@ -66,8 +66,15 @@ def provenance() -> dict:
     return {"machine": machine.describe(), "stream": stream_source()}
 
 
-def provenance_line(info: dict) -> str:
-    return f"Measured on {machine.one_line(info['machine'])}. Text: {info['stream']}.\n\n"
+def save_results(args, rows, md_lines) -> None:
+    """``results/<out>.json`` (arguments, provenance, rows) and ``.md`` (a provenance line, then the table)."""
+    RESULTS.mkdir(exist_ok=True)
+    info = provenance()
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), **info, "rows": rows}, indent=1))
+    provenance_line = f"Measured on {machine.one_line(info['machine'])}. Text: {info['stream']}.\n\n"
+    text = provenance_line + "\n".join(md_lines) + "\n"
+    (RESULTS / f"{args.out}.md").write_text(text)
+    print(text)
 
 
 @functools.lru_cache(maxsize=1)
@@ -255,9 +262,6 @@ def main():
         row["anpd_state_bytes_per_token"] = runs[0]["anpd_state_bytes_per_token"]
         rows.append(row)
         del tokens
-    RESULTS.mkdir(exist_ok=True)
-    info = provenance()
-    (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), **info, "rows": rows}, indent=1))
     md = ["| batch | context | ANPD us/step | ANPD work us/step (fold in the step) | vLLM ngram us/step | "
           "ngram / ANPD | ngram / ANPD work | ANPD state bytes/token |",
           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -267,9 +271,7 @@ def main():
         ratio_total = f"{ng / r['anpd_total_us']:.1f}x" if ng else "-"
         md.append(f"| {r['batch']} | {r['context']} | {r['anpd_us']:.0f} | {r['anpd_total_us']:.0f} | "
                   f"{f'{ng:.0f}' if ng else '-'} | {ratio} | {ratio_total} | {r['anpd_state_bytes_per_token']:.0f} |")
-    text = provenance_line(info) + "\n".join(md) + "\n"
-    (RESULTS / f"{args.out}.md").write_text(text)
-    print(text)
+    save_results(args, rows, md)
     plot(rows, RESULTS / f"{args.out}.png", _conditions(args))
 
 
@@ -307,9 +309,7 @@ def context_pairs(args, overrides) -> None:
           "ratios | lowest, highest pair |", "|---:|---:|---:|---:|---|"]
     md += [f"| {r['batch']} | {r['low_median_us']:.0f} | {r['high_median_us']:.0f} | {r['median_ratio']:.2f}x | "
            f"{r['min_ratio']:.2f}x, {r['max_ratio']:.2f}x |" for r in rows]
-    text = provenance_line(info) + "\n".join(md) + "\n"
-    (RESULTS / f"{args.out}.md").write_text(text)
-    print(text)
+    save_results(args, rows, md)
     plot_pairs(rows, RESULTS / f"{args.out}.png", _conditions(args))
 
 
