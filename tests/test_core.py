@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numba import njit
 
 from vllm_anpd.core import NgramTables
 from vllm_anpd.core import kernels, oracle
@@ -306,6 +307,45 @@ def test_bytes_in_use_grows_with_context_and_returns_after_release():
     assert t.bytes_in_use() > base + 100_000
     t.release(s)
     assert t.bytes_in_use() == base
+
+
+@njit
+def _scribble(n):
+    a = np.empty(n, np.int64)
+    a[:] = -1
+    return a.ctypes.data
+
+
+def _leave_freed_memory_dirty(nbytes):
+    """Free memory full of -1 where the next allocation of ``nbytes`` (plus its alignment) is likely to land:
+    fresh pages from the OS are zero anyway, so only reused memory shows a table that was not zeroed."""
+    big = np.full(16 << 17, -1, np.int64)  # freeing a 16 MiB mmapped block raises glibc's mmap threshold,
+    del big  # so the next blocks come from (and go back to) the heap
+    _scribble(2 * nbytes + kernels.HUGE_PAGE_BYTES)
+
+
+def test_huge_page_sized_tables_are_aligned_zeroed_and_draft_what_the_oracle_drafts():
+    """From 2 MiB on, a table is a 2 MiB-aligned view of a larger allocation (so that huge pages can back
+    it): it must still be zeroed, C-contiguous and of the asked shape, and a request whose key table grows
+    past 2 MiB must draft exactly what the oracle drafts."""
+    for rows, columns in [(1 << 16, kernels.KEY_COLUMNS), (1 << 17, kernels.PAIR_COLUMNS), (1 << 18, 4), (16, 4)]:
+        _leave_freed_memory_dirty(rows * columns * 8)
+        table = kernels.new_records(rows, columns)
+        assert table.shape == (rows, columns) and table.dtype == np.int64 and table.flags.c_contiguous
+        assert not table.any()
+        if table.nbytes >= kernels.HUGE_PAGE_BYTES:
+            assert table.ctypes.data % kernels.HUGE_PAGE_BYTES == 0
+    params = AnpdParams(num_speculative_tokens=8)
+    t = make_tables(params, slots=1, batch=1)
+    s = t.acquire()
+    # 50 token ids: most 3-token keys of 40k random tokens are new, so the key table passes 2 MiB.
+    context = np.random.default_rng(7).integers(0, 50, 40_000).tolist()
+    row = np.array([context], np.int32)
+    for n in (30_000, 30_001, 30_009, 40_000):  # a long prompt, then steps (and their folds) on the big tables
+        drafts, lens = t.step(row, np.array([n]), np.array([s], np.int32), np.array([8], np.int32))
+        assert drafts[0, :lens[0]].tolist() == oracle.draft(context[:n], params, 8), n
+    assert t.keys[s].nbytes >= kernels.HUGE_PAGE_BYTES
+    assert t.keys[s].ctypes.data % kernels.HUGE_PAGE_BYTES == 0
 
 
 def test_stats_acceptance_feedback():
