@@ -278,9 +278,9 @@ def new_records(rows, columns):
     start = (HUGE_PAGE_BYTES - address % HUGE_PAGE_BYTES) % HUGE_PAGE_BYTES // row_bytes
     table = padded[start:start + rows]
     whole = nbytes - nbytes % HUGE_PAGE_BYTES
-    # Advised before anything touches the pages (a page already present stays small). Dropping the pages
-    # (MADV_DONTNEED: private anonymous memory then reads as zeros) zeroes the table with the kernel's own
-    # clearing of each huge page on first touch, instead of clearing it and then writing zeros over it.
+    # Advised, then dropped (MADV_DONTNEED), before anything touches them: pages malloc had already faulted
+    # in (reused memory) would stay small, and dropped private memory is faulted in afresh, as huge pages,
+    # reading as zeros. So the kernel's clearing of each huge page is the table's zeroing (no second pass).
     _madvise(table.ctypes.data, whole, _MADV_HUGEPAGE)
     if _madvise(table.ctypes.data, whole, _MADV_DONTNEED) != 0:
         whole = 0
