@@ -348,6 +348,44 @@ def test_huge_page_sized_tables_are_aligned_zeroed_and_draft_what_the_oracle_dra
     assert t.keys[s].ctypes.data % kernels.HUGE_PAGE_BYTES == 0
 
 
+def _anon_huge_kb_of_mapping(address):
+    """AnonHugePages (kB) of the mapping of this process that holds ``address`` (from /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms ..."
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping holds address {address:#x}")
+
+
+def _thp_fallbacks():
+    with open("/proc/vmstat") as f:
+        return sum(int(v) for k, v in (line.split() for line in f) if k == "thp_fault_fallback")
+
+
+def test_huge_page_sized_tables_get_huge_pages_where_the_kernel_offers_them():
+    """The advice must reach the kernel (a wrong constant or a call that never happens would pass every other
+    test): a 4 MiB table is backed by huge pages, unless THP is off here or the kernel had none to give."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read()
+    except OSError:
+        pytest.skip("no transparent huge pages on this system (not Linux, or THP not built in)")
+    if "[never]" in thp:
+        pytest.skip(f"transparent huge pages are off here: {thp.strip()}")
+    fallbacks = _thp_fallbacks()
+    table = kernels.new_records(1 << 17, kernels.KEY_COLUMNS)  # 4 MiB
+    table[::512, 0] = 1  # touch every 16 KiB: faults every huge page in
+    huge_kb = _anon_huge_kb_of_mapping(table.ctypes.data)
+    if huge_kb == 0 and _thp_fallbacks() > fallbacks:
+        pytest.skip("the kernel had no free huge page (it fell back to small pages)")
+    assert huge_kb >= 4096, (huge_kb, thp.strip())
+
+
 def test_stats_acceptance_feedback():
     """The next step scores the previous draft: accepted prefix, per level."""
     p = AnpdParams(num_speculative_tokens=4, n_min=2, n_max=2)
