@@ -283,6 +283,19 @@ def test_num_tokens_beyond_row_is_clamped():
     assert d[0, :l[0]].tolist() == [2, 1]
 
 
+def test_negative_num_tokens_is_an_empty_context_for_that_row_only():
+    """A negative count (a caller's bug) drafts nothing for its row, as an empty context does, and leaves the
+    other rows and later steps of the same slot as they would be."""
+    t = make_tables()
+    a, b = t.acquire(), t.acquire()
+    rows = np.array([[1, 2, 1, 2, 1], [1, 2, 1, 2, 1]], np.int32)
+    slots = np.array([a, b], np.int32)
+    d, l = t.step(rows, np.array([-8, 5]), slots, np.array([2, 2], np.int32))
+    assert l[0] == 0 and d[1, :l[1]].tolist() == [2, 1]
+    d, l = t.step(rows, np.array([5, 5]), slots, np.array([2, 2], np.int32))
+    assert d[0, :l[0]].tolist() == [2, 1] == d[1, :l[1]].tolist()
+
+
 def test_max_entries_bounds_memory_and_counts_drops():
     p = AnpdParams(num_speculative_tokens=4, max_entries_per_request=50)
     t = make_tables(p)

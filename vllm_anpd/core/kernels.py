@@ -726,6 +726,14 @@ def _grow_context(s, end, contexts, views):
 
 
 @njit(cache=True, inline="always")
+def _row_length(num_tokens, r, width):
+    """Row ``r``'s context length, clamped to ``[0, width]``: a count beyond the row drafts from the row, and
+    a negative one is an empty context (without the lower clamp, such a row asked for an allocation at
+    every step and ``NgramTables.step`` raised)."""
+    return max(0, min(num_tokens[r], width))
+
+
+@njit(cache=True, inline="always")
 def _take_new_tokens(s, row, n, views, meta, last_draft, last_cell, calib, level_stats, cell_stats):
     """Copy the row's tokens new since the last step into the slot's context (room made before) and score
     the last draft against them. Returns ``(context, tokens seen before)``."""
@@ -768,7 +776,7 @@ def prepare_rows(token_ids, num_tokens, slots, n_min, n_max, max_entries, cross_
         if s < 0:
             continue
         row = token_ids[r]
-        n = min(num_tokens[r], row.size)
+        n = _row_length(num_tokens, r, row.size)
         if n < meta[s, META_SEEN]:
             reset_slot(s, keys, pairs, meta, calib, level_stats, last_draft, last_cell)
         _grow_context(s, n, contexts, views)
@@ -791,7 +799,7 @@ def _rows_ready(token_ids, num_tokens, slots, views, meta):
         s = slots[r]
         if s < 0:
             continue
-        n = min(num_tokens[r], token_ids.shape[1])
+        n = _row_length(num_tokens, r, token_ids.shape[1])
         if n < meta[s, META_SEEN] or n > views[s, VIEW_CONTEXT + 1] or n - meta[s, META_CONSUMED] > MAX_WINDOW:
             return False
     return True
@@ -821,7 +829,7 @@ def _prefetch_slot_records(slots, views, meta, calib, level_stats, last_draft, l
 def _prefetch_first_lookups(token_ids, num_tokens, slots, max_draft, n_min, n_max, views, cross, fps):
     for r in range(slots.size):
         s = slots[r]
-        n = min(num_tokens[r], token_ids.shape[1])
+        n = _row_length(num_tokens, r, token_ids.shape[1])
         if s < 0 or n < n_min - 1 or max_draft[r] <= 0:
             continue
         _prefetch_address(views[s, VIEW_CONTEXT] + 4 * (n - 1))  # where the new tokens are copied
@@ -878,7 +886,7 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
         if s < 0:
             continue
         row = token_ids[r]
-        n = min(num_tokens[r], row.size)
+        n = _row_length(num_tokens, r, row.size)
         context, seen = _take_new_tokens(s, row, n, views, meta, last_draft, last_cell, calib, level_stats,
                                          cell_stats)
         start = meta[s, META_CONSUMED]
