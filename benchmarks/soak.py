@@ -55,6 +55,8 @@ def main():
         "cross_request_bytes_end": end["cross_request_bytes"],
         "rss_baseline": base["rss_bytes"], "rss_end": end["rss_bytes"], "rss_peak": peak_rss,
         "rss_growth_after_first_wave": end["rss_bytes"] - rows[1]["rss_bytes"],
+        "huge_page_bytes_end": end["huge_page_bytes"],
+        "huge_page_bytes_peak": max(r["huge_page_bytes"] for r in rows),
     }
     RESULTS.mkdir(exist_ok=True)
     name = "soak" if args.method == "anpd" else f"soak_{args.method}"
@@ -62,16 +64,19 @@ def main():
     mib = 2**20
     md = [f"{args.requests} requests (Spec-Bench first turns, cycled), waves of {args.wave}, {args.max_tokens} tokens, "
           f"method {args.method}, k = {args.k}, {end['seconds']:.0f} s.", "",
-          "| after requests | ANPD tracked requests | ANPD per-request MiB | cross-request table MiB | RSS MiB |",
-          "|---:|---:|---:|---:|---:|"]
+          "| after requests | ANPD tracked requests | ANPD per-request MiB | cross-request table MiB | RSS MiB "
+          "| of it in huge pages MiB |",
+          "|---:|---:|---:|---:|---:|---:|"]
     step = max(1, len(rows) // 10)
     for r in rows[::step] + ([rows[-1]] if (len(rows) - 1) % step else []):
         md.append(f"| {r['requests_done']} | {r['tracked_requests']} | {r['request_bytes'] / mib:.3f} | "
-                  f"{r['cross_request_bytes'] / mib:.2f} | {r['rss_bytes'] / mib:.0f} |")
+                  f"{r['cross_request_bytes'] / mib:.2f} | {r['rss_bytes'] / mib:.0f} | "
+                  f"{r['huge_page_bytes'] / mib:.0f} |")
     md += ["", f"ANPD per-request bytes: {base['request_bytes']:,} at the start, {end['request_bytes']:,} at the end "
            f"(max {summary['request_bytes_max']:,}). RSS: {base['rss_bytes'] / mib:.0f} MiB at the start, "
            f"{end['rss_bytes'] / mib:.0f} MiB at the end, peak {peak_rss / mib:.0f} MiB; growth after the first "
-           f"measured wave {summary['rss_growth_after_first_wave'] / mib:+.0f} MiB."]
+           f"measured wave {summary['rss_growth_after_first_wave'] / mib:+.0f} MiB; in transparent huge pages: "
+           f"{summary['huge_page_bytes_end'] / mib:.0f} MiB at the end, peak {summary['huge_page_bytes_peak'] / mib:.0f} MiB."]
     text = "\n".join(md) + "\n"
     (RESULTS / f"{name}.md").write_text(text)
     print(text)

@@ -261,3 +261,4 @@ def test_short_soak_releases_every_request(anpd_llm):
     # Measured between waves, after a step that released the finished requests: back to the baseline each time.
     assert {p.request_bytes for p in points} == {points[0].request_bytes}
     assert points[-1].cross_request_bytes > 0  # the shared table did learn from the outputs
+    assert all(0 <= p.huge_page_bytes <= p.rss_bytes for p in points)  # a part of the RSS, in bytes

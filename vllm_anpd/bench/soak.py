@@ -17,19 +17,34 @@ class SoakPoint:
     request_bytes: int  # ANPD bytes without the bounded cross-request table
     cross_request_bytes: int
     rss_bytes: int  # this process and its children (engine core, workers)
+    huge_page_bytes: int  # of rss_bytes, anonymous memory in transparent huge pages (Linux; 0 elsewhere)
 
 
-def process_tree_rss() -> int:
+def process_tree_rss() -> tuple:
+    """(RSS, of it in transparent huge pages) in bytes, summed over this process and its children. The
+    second figure tells whether the core's huge-page tables (``kernels.new_records``) weigh in the RSS."""
     import psutil
 
     me = psutil.Process()
-    total = me.memory_info().rss
-    for child in me.children(recursive=True):
+    rss = huge = 0
+    for process in [me] + me.children(recursive=True):
         try:
-            total += child.memory_info().rss
+            rss += process.memory_info().rss
         except psutil.Error:
-            pass
-    return total
+            continue
+        huge += _anon_huge_page_bytes(process.pid)
+    return rss, huge
+
+
+def _anon_huge_page_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def measure(llm, requests_done: int, started: float) -> SoakPoint:
@@ -42,7 +57,7 @@ def measure(llm, requests_done: int, started: float) -> SoakPoint:
         stats = {"tracked_requests": 0, "bytes_in_use": 0}
     cross = stats.get("cross_request", {}).get("bytes", 0)
     return SoakPoint(requests_done, time.perf_counter() - started, stats["tracked_requests"],
-                     stats["bytes_in_use"] - cross, cross, process_tree_rss())
+                     stats["bytes_in_use"] - cross, cross, *process_tree_rss())
 
 
 def run_soak(llm, prompts: list, num_requests: int, wave: int, max_tokens: int, progress: bool = False) -> list:
