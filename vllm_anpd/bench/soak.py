@@ -20,7 +20,7 @@ class SoakPoint:
     huge_page_bytes: int  # of rss_bytes, anonymous memory in transparent huge pages (Linux; 0 elsewhere)
 
 
-def process_tree_rss() -> tuple:
+def process_tree_memory() -> tuple[int, int]:
     """(RSS, of it in transparent huge pages) in bytes, summed over this process and its children. The
     second figure tells whether the core's huge-page tables (``kernels.new_records``) weigh in the RSS."""
     import psutil
@@ -57,7 +57,7 @@ def measure(llm, requests_done: int, started: float) -> SoakPoint:
         stats = {"tracked_requests": 0, "bytes_in_use": 0}
     cross = stats.get("cross_request", {}).get("bytes", 0)
     return SoakPoint(requests_done, time.perf_counter() - started, stats["tracked_requests"],
-                     stats["bytes_in_use"] - cross, cross, *process_tree_rss())
+                     stats["bytes_in_use"] - cross, cross, *process_tree_memory())
 
 
 def run_soak(llm, prompts: list, num_requests: int, wave: int, max_tokens: int, progress: bool = False) -> list:
