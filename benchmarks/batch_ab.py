@@ -15,6 +15,7 @@ Configurations (each run in its own engine process, one after the other, in roun
 * ``anpd-stop0.05``, ``anpd-stop0.1``: ANPD with that stop probability (the default's candidates);
 * ``ngram``, ``suffix``: vLLM's built-in methods as the engine benchmark runs them (k = 5; ngram with
   prompt_lookup 2..4; suffix needs arctic-inference);
+* ``ngram-default``: vLLM's ngram with vLLM's defaults (k = 5, prompt_lookup 5..5);
 * ``abl-paper``, ``abl-levels``, ``abl-stop``, ``abl-budget``, then ``anpd``: the ablation of section 3 of
   BENCHMARKS.md on the engine, each adding one component: the paper's ANPD (levels n = 2..5, fixed k, no
   shared table), levels up to n = 7, the adaptive stop probability, the batch-aware budget (verify cost
@@ -58,6 +59,8 @@ CONFIGS = {
     "abl-stop": ({**_ANPD, **_NO_BUDGET}, {}),
     "abl-budget": ({**_ANPD, **_NO_CROSS}, {}),
     "ngram": ({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2, "prompt_lookup_max": 4}, {}),
+    # vLLM's default ngram: without prompt_lookup_* vLLM 0.32 sets min = max = 5 (what an untuned user gets).
+    "ngram-default": ({"method": "ngram", "num_speculative_tokens": 5}, {}),
     "suffix": ({"method": "suffix", "num_speculative_tokens": 5}, {}),
 }
 
