@@ -581,11 +581,12 @@ def _serve(tables, seed, steps=80, batch=3, vocab=6):
     return out
 
 
+@pytest.mark.parametrize("min_rows", [1, 3])  # every fold in the background; small folds in the step
 @pytest.mark.parametrize("seed", range(4))
-def test_background_fold_drafts_exactly_what_the_synchronous_fold_drafts(seed):
+def test_background_fold_drafts_exactly_what_the_synchronous_fold_drafts(seed, min_rows):
     p = _AnpdParams(num_speculative_tokens=4, n_min=2, n_max=4, cross_request_entries=60, cross_min_count=1)
     sync = NgramTables(p, num_slots=2, max_batch=4)
-    background = NgramTables(p, num_slots=2, max_batch=4, fold_in_background=True)
+    background = NgramTables(p, num_slots=2, max_batch=4, fold_in_background=True, background_fold_min_rows=min_rows)
     assert _serve(sync, seed) == _serve(background, seed)
     assert sync.stats() == background.stats()
     assert sync.stats()["cross_request"]["clears"] > 0 and sync.stats()["drafted_tokens"] > 0
@@ -602,7 +603,7 @@ def test_hot_path_follows_every_array_the_tables_replace(seed):
     (a stale address would read freed memory: wrong drafts or a crash)."""
     rng = np.random.default_rng(seed)
     p = _AnpdParams(num_speculative_tokens=6, n_min=2, n_max=5, cross_request_entries=0, stop_probability=0.0)
-    tables = NgramTables(p, num_slots=1, max_batch=8, fold_in_background=True)
+    tables = NgramTables(p, num_slots=1, max_batch=8, fold_in_background=True, background_fold_min_rows=1)
     live = {}  # slot -> the request's whole stream; its first ``n`` tokens are the context so far
     growths = 0
     for step in range(120):
@@ -658,6 +659,33 @@ def test_step_kernel_refuses_a_row_that_needs_an_allocation_and_changes_nothing(
     for n in (41, 40 + kernels.MAX_WINDOW + 5, 30, len(context)):  # through step: prepared, then drafted
         drafts, lens = t.step(row, np.array([n], np.int32), slots, k)
         assert drafts[0, :lens[0]].tolist() == oracle.draft(context[:n], p, 4), n
+
+
+def test_only_folds_of_enough_rows_go_to_the_background_thread():
+    """Waking the fold thread costs more than folding a few rows in the step: a step whose fold has fewer
+    than ``background_fold_min_rows`` rows folds before it returns (no fold in flight), a bigger one hands
+    its fold to the thread. Both draft what the synchronous tables draft."""
+    p = _AnpdParams(num_speculative_tokens=4, cross_request_entries=0, stop_probability=0.0)
+    background = NgramTables(p, num_slots=6, max_batch=6, fold_in_background=True, background_fold_min_rows=3)
+    sync = NgramTables(p, num_slots=6, max_batch=6)
+    rng = np.random.default_rng(0)
+    streams = rng.integers(0, 5, (6, 200)).astype(np.int32)
+    slots = {t: np.array([t.acquire() for _ in range(6)], np.int32) for t in (background, sync)}
+    k = np.full(6, 4, np.int32)
+    for t in (background, sync):  # the prompts: built in the step (prepare_rows), nothing left to fold
+        t.step(streams, np.full(6, 50, np.int32), slots[t], k)
+    assert not background._fold_thread._busy
+    for step, rows in enumerate([6, 2, 2, 3, 1, 6, 4, 2]):  # every row has new tokens to fold
+        n = np.full(rows, 53 + 3 * step, np.int32)
+        got = {}
+        for t in (background, sync):
+            drafts, lens = t.step(streams[:rows], n, slots[t][:rows], k[:rows])
+            got[t] = [drafts[r, :lens[r]].tolist() for r in range(rows)]
+        assert got[background] == got[sync], step
+        assert background._fold_thread._busy == (rows >= 3), (step, rows)
+        background.settle()
+    with pytest.raises(ValueError, match="background_fold_min_rows=0"):
+        NgramTables(p, num_slots=1, fold_in_background=True, background_fold_min_rows=0)
 
 
 def test_fold_thread_ends_with_its_tables_and_hands_errors_to_the_caller():

@@ -21,6 +21,14 @@ from .config import AnpdParams
 
 _INITIAL_CAPACITY = 16
 
+# A step's fold goes to the background thread only from this many rows on. Handing it over wakes the thread
+# (a futex wake; on a VM also an interrupt to another virtual CPU) on the step's path: ~8-9 us per step on
+# the AMD EPYC VM of BENCHMARKS.md, more than folding one or two rows takes. Measured there (alternating
+# A/B, section 2, "Small folds in the step"): a batch-1 step 11-12 -> 7-8 us, batch 2 12-13 -> 9-11 us with
+# warm caches, no change with the caches evicted. At 4 rows and more, folding in the step cost as much as the
+# hand-over or more (4 rows with the caches evicted: ~10 us more), so 3 rows, between the two, go to the thread.
+BACKGROUND_FOLD_MIN_ROWS = 3
+
 
 def _empty_key_table():
     return np.zeros((_INITIAL_CAPACITY, K.KEY_COLUMNS), np.int64)
@@ -101,15 +109,19 @@ class NgramTables:
     count them without the tables): right away inside ``step``, or with ``fold_in_background`` on a
     background thread that the next call to any method waits for. The two give identical drafts and
     tables; the background one takes the fold off the path between the target model's forward passes (the
-    vLLM proposer uses it).
+    vLLM proposer uses it). Handing a fold to the thread costs a wake-up on the step's path, so a fold of
+    fewer than ``background_fold_min_rows`` rows, which costs less than that, still runs inside ``step``.
     """
 
     def __init__(self, params: AnpdParams, num_slots: int = 16, max_batch: int = 256,
-                 fold_in_background: bool = False):
+                 fold_in_background: bool = False, background_fold_min_rows: int = BACKGROUND_FOLD_MIN_ROWS):
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots!r}: must be >= 1")
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r}: must be >= 1")
+        if background_fold_min_rows < 1:
+            raise ValueError(f"background_fold_min_rows={background_fold_min_rows!r}: must be >= 1")
+        self.background_fold_min_rows = background_fold_min_rows
         self.params = params
         self._min_count = np.asarray(params.min_count, np.int32)
         self._min_share = np.asarray(params.min_share, np.float64)
@@ -256,7 +268,7 @@ class NgramTables:
             if num_pending < 0:
                 raise RuntimeError("ANPD: a row still needs an allocation after prepare_rows (a bug)")
         if num_pending:
-            self._fold(self._pending[:num_pending], background=True)
+            self._fold(self._pending[:num_pending], background=num_pending >= self.background_fold_min_rows)
         return self._out_drafts[:batch], self._out_lens[:batch]
 
     @staticmethod
