@@ -24,8 +24,9 @@ Spec-Bench first turns (``--per-category``, 5 by default: the engine benchmark's
 float32, max_tokens 128 (``--max-tokens``),
 closed loop with ``--batch`` requests in flight (``engine_bench.run_phase``). Appends one JSON line per run to
 results/batch_ab.jsonl (lines of 2026-11-23 count engine steps in ``steps``; later ones give ``mat``; lines
-from 2026-11-27 afternoon on name their ``machine``, earlier ones do not) and prints a summary (tok/s per
-configuration, its ratio to the same round's ``none`` run, MAT).
+from 2026-11-27 afternoon on name their ``machine``, earlier ones do not; from 2026-11-27 night on, ``propose_us``
+is the wall time of each ``propose`` call of the drafter, as the engine pays it) and prints a summary (tok/s per
+configuration, its ratio to the same round's ``none`` run, MAT, median microseconds per ``propose`` call).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -79,16 +82,22 @@ def run_one(name: str, batch: int, n_prompts: int, per_category: int, max_tokens
               worker_extension_cls="vllm_anpd.worker_extension.AnpdWorkerExtension",
               **models.engine_kwargs(max_num_seqs=batch, **extra))
     llm.generate(["Hello, how are you?"], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    if spec:
+        llm.collective_rpc("anpd_time_drafter")  # the wall time of each propose call, as the engine pays it
     # The engine benchmark's closed loop (at most `batch` requests in flight), so both measure alike.
     phase = engine_bench.run_phase(llm, {"method": name, "spec": spec, "max_tokens": max_tokens},
                                    {"prompts": prompts, "batch": batch}, has_drafter=False)
     tokens = sum(len(t) for t in phase["tokens"])
-    step_cost = None
+    step_cost = propose_us = None
     if spec and spec["method"] == "anpd":
         step_cost = llm.collective_rpc("anpd_stats")[0].get("step_cost")
-    return dict(step_cost=step_cost, name=name, batch=batch, prompts=n_prompts, per_category=per_category,
-                max_tokens=max_tokens, elapsed=phase["elapsed"], tokens=tokens, mat=tokens / sum(phase["steps"]),
-                tok_s=tokens / phase["elapsed"], counters=phase["counters"])
+    if spec:
+        calls = np.array(llm.collective_rpc("anpd_drafter_call_seconds")[0]) * 1e6
+        propose_us = {"calls": int(calls.size), "median": float(np.median(calls)), "mean": float(calls.mean()),
+                      "p90": float(np.percentile(calls, 90))}
+    return dict(step_cost=step_cost, propose_us=propose_us, name=name, batch=batch, prompts=n_prompts,
+                per_category=per_category, max_tokens=max_tokens, elapsed=phase["elapsed"], tokens=tokens,
+                mat=tokens / sum(phase["steps"]), tok_s=tokens / phase["elapsed"], counters=phase["counters"])
 
 
 def main() -> None:
@@ -130,7 +139,9 @@ def main() -> None:
     # Each round's runs against that round's `none` run: the machine drifts between rounds.
     per_round = len(args.configs)
     base = {i // per_round: r["tok_s"] for i, r in enumerate(runs) if r["name"] == "none"}
-    print("| configuration | runs (tok/s) | mean | vs none, per round | vs none | MAT |\n|---|---|---:|---|---:|---:|")
+    print("| configuration | runs (tok/s) | mean | vs none, per round | vs none | MAT | propose, us per call "
+          "(median) |\n"
+          "|---|---|---:|---|---:|---:|---|")
     for name in args.configs:
         mine = [(i // per_round, r) for i, r in enumerate(runs) if r["name"] == name]
         values = [r["tok_s"] for _, r in mine]
@@ -138,8 +149,9 @@ def main() -> None:
         ratios = [r["tok_s"] / base[k] for k, r in mine] if base else []
         rounds = ", ".join(f"{x:.3f}" for x in ratios) or "-"
         ratio = f"{sum(ratios) / len(ratios):.3f}x" if ratios else "-"
+        propose = ", ".join(f"{r['propose_us']['median']:.0f}" for _, r in mine if r.get("propose_us")) or "-"
         print(f"| {name} | {', '.join(f'{v:.1f}' for v in values)} | {sum(values) / len(values):.1f} | {rounds} | "
-              f"{ratio} | {sum(mats) / len(mats):.3f} |")
+              f"{ratio} | {sum(mats) / len(mats):.3f} | {propose} |")
 
 
 if __name__ == "__main__":

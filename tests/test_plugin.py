@@ -214,6 +214,25 @@ def test_partial_prefill_and_length_limit():
     assert p.propose(*batch([CTX_A + [3]], sampled=[[3]]))[0][:0] == []
 
 
+def test_rows_with_nothing_sampled_are_skipped_wherever_they_are():
+    """A row with nothing sampled (a partial prefill) between others: no draft, no slot for a new request, no
+    count in the draft-length histogram; the rows around it draft as alone."""
+    p, runner = make_proposer()
+    batch = Batch()
+    ctx_c = [5, 6, 5, 6, 5]
+    runner.requests = {"a": object(), "b": object(), "c": object()}
+    runner.input_batch.req_ids = ["a", "b", "c"]
+    out = p.propose(*batch([CTX_A, CTX_B, ctx_c], sampled=[[2], [], [5]]))
+    assert out == [oracle.draft(CTX_A, p.params, 4), [], oracle.draft(ctx_c, p.params, 4)]
+    assert "b" not in p._slot_of and sorted(p._slot_of) == ["a", "c"]
+    assert sum(p.stats()["draft_length_histogram"]) == 2
+    # b's prefill is done: it gets a slot, built from its whole context.
+    a2, c2 = CTX_A + [3], ctx_c + [6]
+    out = p.propose(*batch([a2, CTX_B, c2]))
+    assert out == [oracle.draft(a2, p.params, 4), oracle.draft(CTX_B, p.params, 4), oracle.draft(c2, p.params, 4)]
+    assert sum(p.stats()["draft_length_histogram"]) == 5
+
+
 def test_preempted_request_keeps_state_finished_is_released():
     p, runner = make_proposer()
     batch = Batch()
@@ -368,6 +387,21 @@ def test_reset_with_a_request_in_flight_rebuilds_it_from_its_context():
     a2 = CTX_A + [3, 4]
     assert p.propose(*batch([a2])) == [oracle.draft(a2, p.params, 4)]
     assert p.num_active_requests == 1
+
+
+def test_time_drafter_hook_records_each_propose_call():
+    class Drafter:
+        def propose(self, x):
+            return [x]
+
+    worker = SimpleNamespace(model_runner=SimpleNamespace(drafter=Drafter()))
+    assert _vllm_compat.drafter_call_seconds(worker) is None  # not timed yet
+    assert _vllm_compat.time_drafter(worker) and _vllm_compat.time_drafter(worker)  # wraps once
+    assert [worker.model_runner.drafter.propose(i) for i in range(3)] == [[0], [1], [2]]
+    calls = _vllm_compat.drafter_call_seconds(worker)
+    assert len(calls) == 3 and all(c >= 0 for c in calls)
+    assert _vllm_compat.drafter_seconds(worker) == pytest.approx(sum(calls))
+    assert not _vllm_compat.time_drafter(SimpleNamespace(model_runner=SimpleNamespace(drafter=None)))
 
 
 def test_reset_drafter_hook_for_anpd_suffix_and_stateless_drafters():

@@ -446,7 +446,9 @@ def drafter_stats(worker) -> dict | None:
 
 def time_drafter(worker) -> bool:
     """For ``LLM.collective_rpc``: wrap this worker's drafter's ``propose`` (on the instance, not the class)
-    to accumulate its wall time; ``drafter_seconds`` reads it. Works for any proposer (ngram, suffix, anpd)."""
+    to accumulate its wall time; ``drafter_seconds`` reads the total, ``drafter_call_seconds`` each call's
+    (the last ``_MAX_TIMED_CALLS``). Works for any proposer (ngram, suffix, anpd). Benchmarks only."""
+    import collections
     import time
 
     drafter = worker_drafter(worker)
@@ -454,22 +456,34 @@ def time_drafter(worker) -> bool:
         return drafter is not None
     inner = drafter.propose
     drafter._anpd_seconds = 0.0
+    drafter._anpd_call_seconds = collections.deque(maxlen=_MAX_TIMED_CALLS)
 
     def timed(*args, **kwargs):
         t0 = time.perf_counter()
         try:
             return inner(*args, **kwargs)
         finally:
-            drafter._anpd_seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            drafter._anpd_seconds += seconds
+            drafter._anpd_call_seconds.append(seconds)
 
     drafter.propose = timed
     drafter._anpd_timed = True
     return True
 
 
+_MAX_TIMED_CALLS = 1_000_000
+
+
 def drafter_seconds(worker) -> float | None:
     drafter = worker_drafter(worker)
     return getattr(drafter, "_anpd_seconds", None)
+
+
+def drafter_call_seconds(worker) -> list | None:
+    """Wall time of each timed ``propose`` call (see ``time_drafter``), oldest first."""
+    calls = getattr(worker_drafter(worker), "_anpd_call_seconds", None)
+    return None if calls is None else list(calls)
 
 
 def reset_drafter(worker) -> str:

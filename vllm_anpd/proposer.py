@@ -17,6 +17,7 @@ Lifecycle, keyed by request id (rows move every step):
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import time
 
@@ -114,6 +115,8 @@ class AnpdProposer:
         return st
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **_unused):
+        # Per-row work here is done in C-level passes (map, zip, numpy): a Python loop over the rows cost about
+        # 1 us per row, more than the kernel itself at batch 64-256 (BENCHMARKS.md, section 2).
         called_at = time.perf_counter()
         self.tables.settle()  # the last step's background fold: done long ago, unless the step was empty
         self._release_finished()
@@ -128,37 +131,42 @@ class AnpdProposer:
         slots = self._slots[:batch]
         max_draft = self._max_draft[:batch]
         num_tokens = np.asarray(num_tokens_no_spec)[:batch]
+        # Rows with nothing sampled (a partial prefill, or a discarded sample): nothing new, no draft, and no
+        # slot for a request seen for the first time.
+        skipped = [] if all(sampled_token_ids) else [i for i, n in enumerate(map(len, sampled_token_ids)) if n == 0]
+        row_slots = list(map(self._slot_of.get, req_ids))
+        for i in skipped:
+            row_slots[i] = -1
+        if None in row_slots:  # requests seen for the first time
+            for i, slot in enumerate(row_slots):
+                if slot is None:
+                    row_slots[i] = self._slot_for(req_ids[i])
+        slots[:] = row_slots
+        # vLLM crashes on drafts longer than k, and a draft may not cross max_model_len.
+        np.minimum(self.max_model_len - 1 - num_tokens, self.k, out=max_draft, casting="unsafe")
+        np.maximum(max_draft, 0, out=max_draft)
         # The step that just ran was a pure decode step (its token count known) unless it prefilled: a partial
         # prefill, or a request that was not decoding at the previous step (new, or resumed after preemption,
         # which recomputes its context).
-        decode_only = True
-        step_tokens = 0
-        for i in range(batch):
-            if not sampled_token_ids[i]:  # partial prefill or discarded sample: nothing new, no draft
-                slots[i] = -1
-                decode_only = False
-                continue
-            tokens = self._next_step_tokens.get(req_ids[i])
-            if tokens is None:
-                decode_only = False
-            else:
-                step_tokens += tokens
-            slots[i] = self._slot_for(req_ids[i])
-            # vLLM crashes on drafts longer than k, and a draft may not cross max_model_len.
-            max_draft[i] = max(0, min(self.k, self.max_model_len - int(num_tokens[i]) - 1))
-        if self.params.measure_verify_cost and decode_only and step_tokens:
-            self.step_cost.observe(called_at - self._step_started_at, step_tokens)
-        stop_probability = self.budget.stop_probability(int((slots >= 0).sum()), self.tables,
+        if self.params.measure_verify_cost and not skipped:
+            previous = list(map(self._next_step_tokens.get, req_ids))
+            if None not in previous:
+                self.step_cost.observe(called_at - self._step_started_at, sum(previous))
+        stop_probability = self.budget.stop_probability(batch - len(skipped), self.tables,
                                                         self.step_cost.verify_cost)
         drafts, lens = self.tables.step(token_ids_cpu, num_tokens, slots, max_draft, stop_probability)
-        self.budget.drafted(int(lens.sum()))
+        lengths = lens.tolist()
+        self.budget.drafted(sum(lengths))
         # The next engine step verifies one token per row plus its draft (for the rows vLLM schedules again).
-        self._next_step_tokens = {req_ids[i]: 1 + int(lens[i]) for i in range(batch) if slots[i] >= 0}
+        self._next_step_tokens = dict(zip(req_ids, [1 + n for n in lengths]))
+        for i in skipped:
+            del self._next_step_tokens[req_ids[i]]
         self._step_started_at = time.perf_counter()
-        self.draft_length_histogram += np.bincount(lens[slots >= 0], minlength=self.k + 1)[: self.k + 1]
+        self.draft_length_histogram += np.bincount(lens[slots >= 0] if skipped else lens,
+                                                   minlength=self.k + 1)[: self.k + 1]
         if self._log_enabled and time.monotonic() >= self._next_log:
             self._log_stats()
-        return [drafts[i, :lens[i]].tolist() if lens[i] else [] for i in range(batch)]
+        return [row[:n] for row, n in zip(drafts.tolist(), lengths)]
 
     def _log_stats(self) -> None:
         """One INFO line at vLLM's stat-logging interval (VLLM_LOG_STATS_INTERVAL), when there was activity."""
@@ -182,7 +190,7 @@ class AnpdProposer:
         ids = _vllm_compat.batch_request_ids(self._runner) if self._runner is not None else None
         if ids is None or len(ids) < batch:
             return [("row", i) for i in range(batch)]
-        return ids
+        return ids if len(ids) == batch else ids[:batch]
 
     def _slot_for(self, req_id) -> int:
         slot = self._slot_of.get(req_id)
@@ -203,7 +211,10 @@ class AnpdProposer:
         live = _vllm_compat.live_requests(self._runner)
         if live is None:
             return
-        gone = [rid for rid, owner in self._owner.items() if live.get(rid) is not owner]
+        owners = self._owner
+        if all(map(operator.is_, map(live.get, owners), owners.values())):  # the common case, in C
+            return
+        gone = [rid for rid, owner in owners.items() if live.get(rid) is not owner]
         for rid in gone:
             self.release(rid)
 

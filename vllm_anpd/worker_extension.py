@@ -21,5 +21,8 @@ class AnpdWorkerExtension:
     def anpd_drafter_seconds(self):
         return _vllm_compat.drafter_seconds(self)
 
+    def anpd_drafter_call_seconds(self):
+        return _vllm_compat.drafter_call_seconds(self)
+
     def anpd_reset_drafter(self) -> str:
         return _vllm_compat.reset_drafter(self)
