@@ -115,8 +115,9 @@ class AnpdProposer:
         return st
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **_unused):
-        # Per-row work here is done in C-level passes (map, zip, numpy): a Python loop over the rows cost about
-        # 1 us per row, more than the kernel itself at batch 64-256 (BENCHMARKS.md, section 2).
+        # Per-row work here is done in C-level passes (map, zip, numpy): with warm caches a Python loop over the
+        # rows cost about 1 us per row, more than the kernel at batch 64-256. (Right after a forward pass, the
+        # cache misses on each request's objects cost more than the loop: BENCHMARKS.md section 2.)
         called_at = time.perf_counter()
         self.tables.settle()  # the last step's background fold: done long ago, unless the step was empty
         self._release_finished()
