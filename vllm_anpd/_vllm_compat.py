@@ -444,6 +444,9 @@ def drafter_stats(worker) -> dict | None:
     return drafter.stats()
 
 
+_MAX_TIMED_CALLS = 1_000_000
+
+
 def time_drafter(worker) -> bool:
     """For ``LLM.collective_rpc``: wrap this worker's drafter's ``propose`` (on the instance, not the class)
     to accumulate its wall time; ``drafter_seconds`` reads the total, ``drafter_call_seconds`` each call's
@@ -470,9 +473,6 @@ def time_drafter(worker) -> bool:
     drafter.propose = timed
     drafter._anpd_timed = True
     return True
-
-
-_MAX_TIMED_CALLS = 1_000_000
 
 
 def drafter_seconds(worker) -> float | None:

@@ -17,7 +17,6 @@ Lifecycle, keyed by request id (rows move every step):
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import time
 
@@ -212,10 +211,7 @@ class AnpdProposer:
         live = _vllm_compat.live_requests(self._runner)
         if live is None:
             return
-        owners = self._owner
-        if all(map(operator.is_, map(live.get, owners), owners.values())):  # the common case, in C
-            return
-        gone = [rid for rid, owner in owners.items() if live.get(rid) is not owner]
+        gone = [rid for rid, owner in self._owner.items() if live.get(rid) is not owner]
         for rid in gone:
             self.release(rid)
 
