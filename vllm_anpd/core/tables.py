@@ -27,6 +27,9 @@ _INITIAL_CAPACITY = 16
 # A/B, section 2, "Small folds in the step"): a batch-1 step 11-12 -> 7-8 us, batch 2 12-13 -> 9-11 us with
 # warm caches, no change with the caches evicted. At 4 rows and more, folding in the step cost as much as the
 # hand-over or more (4 rows with the caches evicted: ~10 us more), so 3 rows, between the two, go to the thread.
+# Inside a vLLM engine the hand-over costs more: the thread needs the GIL to start the fold, and the main thread
+# waits for it (~110-130 us on that VM at batch 64-128, so the thread paid off only from ~100 rows there;
+# BENCHMARKS.md section 2, "Inside the engine"). Kept at 3: that crossover depends on the machine.
 BACKGROUND_FOLD_MIN_ROWS = 3
 
 
