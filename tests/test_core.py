@@ -5,8 +5,10 @@ Runs in seconds, without vLLM.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -686,6 +688,23 @@ def test_only_folds_of_enough_rows_go_to_the_background_thread():
         background.settle()
     with pytest.raises(ValueError, match="background_fold_min_rows=0"):
         NgramTables(p, num_slots=1, fold_in_background=True, background_fold_min_rows=0)
+
+
+def test_fold_thread_can_overlap_only_where_the_caller_may_use_another_cpu():
+    """A thread inherits its creator's CPU affinity; bound to one CPU, a fold thread cannot overlap it."""
+    from vllm_anpd.core.tables import fold_thread_can_overlap
+
+    out = {}
+
+    def bound():
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # this thread only
+        out["bound"] = fold_thread_can_overlap()
+
+    t = threading.Thread(target=bound)
+    t.start()
+    t.join()
+    assert out["bound"] is False
+    assert fold_thread_can_overlap() is (len(os.sched_getaffinity(0)) > 1)
 
 
 def test_fold_thread_ends_with_its_tables_and_hands_errors_to_the_caller():

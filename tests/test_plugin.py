@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -442,8 +443,45 @@ def test_statistics_line_and_adaptive_length_histogram(anpd_log):
     drafts = p.propose(*Batch()([CTX_A]))
     st = p.stats()
     assert st["draft_length_histogram"][len(drafts[0])] == 1 and sum(st["draft_length_histogram"]) == 1
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ANPD:")]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ANPD:") and "drafts" in r.getMessage()]
     assert len(lines) == 1 and "1 drafts" in lines[0] and "1 requests" in lines[0]
+
+
+def _built_in_a_thread_bound_to_one_cpu(build):
+    """``build()`` run in a new thread bound to one CPU (as vLLM's CPU worker binds its main thread)."""
+    out = {}
+
+    def run():
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # this thread only
+        out["value"] = build()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out["value"]
+
+
+def test_tables_learn_in_the_step_when_the_worker_thread_is_bound_to_one_cpu(anpd_log):
+    """A fold thread inherits its creator's CPU affinity: bound to the worker's one core, it could only take
+    turns with the forward pass. The proposer then folds inside propose, with the same drafts."""
+    pinned = _built_in_a_thread_bound_to_one_cpu(lambda: make_proposer(k=5, max_model_len=128, paper=False,
+                                                                       measure_verify_cost=False))
+    free = make_proposer(k=5, max_model_len=128, paper=False, measure_verify_cost=False)
+    assert pinned[0].fold_in_background is False and pinned[0].tables._fold_thread is None
+    assert pinned[0].stats()["fold_in_background"] is False
+    assert any("bound to one CPU" in r.getMessage() for r in anpd_log.records)
+    many_cpus = len(os.sched_getaffinity(0)) > 1
+    assert free[0].fold_in_background is many_cpus and (free[0].tables._fold_thread is not None) is many_cpus
+    rng = np.random.default_rng(5)
+    streams = [rng.integers(0, 6, 60).tolist() for _ in range(4)]
+    outs = []
+    for p, runner in (pinned, free):
+        runner.requests = {i: object() for i in range(4)}
+        runner.input_batch.req_ids = [0, 1, 2, 3]
+        batch = Batch(width=128)
+        outs.append([p.propose(*batch([s[:n] for s in streams])) for n in range(10, 60, 3)])
+    assert outs[0] == outs[1]
+    assert any(any(d) for step in outs[0] for d in step)
 
 
 def test_registration_does_not_import_numba():

@@ -25,6 +25,7 @@ import numpy as np
 from . import _vllm_compat
 from .core import BatchBudget, NgramTables
 from .core.budget import StepCostModel
+from .core.tables import fold_thread_can_overlap
 
 # A child of vLLM's logger: vLLM configures the handler and format, in every process.
 logger = logging.getLogger("vllm.anpd")
@@ -49,6 +50,13 @@ class AnpdProposer:
                            "row, which keeps outputs exact but weakens drafts when rows move.")
         # Draft lengths proposed (index = length), for the adaptive-length distribution.
         self.draft_length_histogram = np.zeros(self.k + 1, np.int64)
+        # The tables learn each step's tokens on a background thread, while the target model verifies, unless
+        # that thread could only share this thread's one CPU (vLLM's CPU worker binds it to one core): then in
+        # the step.
+        self.fold_in_background = fold_thread_can_overlap()
+        if not self.fold_in_background:
+            logger.info("ANPD: this worker thread is bound to one CPU; the n-gram tables learn each step's "
+                        "tokens inside propose instead of on a background thread (which would share that CPU).")
         self._log_interval = _vllm_compat.stats_log_interval()
         self._log_enabled = os.environ.get(LOG_STATS_ENV, "1") != "0"
         self._next_log = time.monotonic() + self._log_interval
@@ -77,9 +85,8 @@ class AnpdProposer:
         a new slot, rebuilt from its whole context."""
         self._slot_of.clear()
         self._owner.clear()
-        # The tables learn each step's tokens on a background thread, while the target model verifies.
         self.tables = NgramTables(self.params, num_slots=self._max_num_seqs, max_batch=self._max_num_seqs,
-                                  fold_in_background=True)
+                                  fold_in_background=self.fold_in_background)
         self._warm_up(self._max_num_seqs)
         self.draft_length_histogram[:] = 0
         self._logged_drafts = 0
@@ -111,6 +118,7 @@ class AnpdProposer:
         st["draft_length_histogram"] = self.draft_length_histogram.tolist()
         st["stop_probability"] = self.budget.last_stop_probability
         st["step_cost"] = self.step_cost.as_dict()
+        st["fold_in_background"] = self.fold_in_background
         return st
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **_unused):

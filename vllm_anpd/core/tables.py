@@ -27,10 +27,25 @@ _INITIAL_CAPACITY = 16
 # A/B, section 2, "Small folds in the step"): a batch-1 step 11-12 -> 7-8 us, batch 2 12-13 -> 9-11 us with
 # warm caches, no change with the caches evicted. At 4 rows and more, folding in the step cost as much as the
 # hand-over or more (4 rows with the caches evicted: ~10 us more), so 3 rows, between the two, go to the thread.
-# Inside a vLLM engine the hand-over costs more: the thread needs the GIL to start the fold, and the main thread
-# waits for it (~110-130 us on that VM at batch 64-128, so the thread paid off only from ~100 rows there;
-# BENCHMARKS.md section 2, "Inside the engine"). Kept at 3: that crossover depends on the machine.
+# Inside a vLLM engine the hand-over costs more (the thread needs the GIL to start the fold, and the main thread
+# waits for it; BENCHMARKS.md section 2, "Inside the engine"). Those measurements were on vLLM CPU, whose worker
+# is bound to one core, where the proposer now folds in the step at every batch (``fold_thread_can_overlap``).
 BACKGROUND_FOLD_MIN_ROWS = 3
+
+
+def fold_thread_can_overlap() -> bool:
+    """Whether a fold thread started from the calling thread can run while the calling thread computes.
+
+    A new thread inherits its creator's CPU affinity. vLLM's CPU worker binds its main thread to one core
+    (OpenMP binding: ``OMP_PROC_BIND``, ``VLLM_CPU_OMP_THREADS_BIND``), so there a fold thread could only take
+    turns with the forward pass on that core, paying thread switches and a GIL hand-over on top of the same
+    work (BENCHMARKS.md section 2, "The fold thread on vLLM CPU"). False when the calling thread may run on
+    one CPU only; True where it may run on several, or where the platform does not say (GPU workers are not
+    bound)."""
+    try:
+        return len(os.sched_getaffinity(0)) > 1
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS, Windows)
+        return True
 
 
 def _empty_key_table():
