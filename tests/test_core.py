@@ -414,6 +414,33 @@ def test_stats_acceptance_feedback():
     assert st_["drafts"] == 1 + (len(second) > 0)
     assert st_["accepted_tokens"] == 2
     assert st_["per_level"]["n=2"]["accepted"] == 2
+    assert t.accepted_total[0] == 2
+
+
+def test_accepted_total_counts_every_request_live_or_released():
+    """The batch budget reads ``accepted_total`` (one cell) instead of summing every slot's count: it must
+    equal the statistics' total at every step, across releases and slot reuse, with folds on the thread."""
+    rng = np.random.default_rng(11)
+    p = _AnpdParams(num_speculative_tokens=4, cross_request_entries=0, stop_probability=0.0)
+    t = NgramTables(p, num_slots=2, max_batch=4, fold_in_background=True, background_fold_min_rows=1)
+    live = {}  # slot -> [stream, tokens so far]
+    released = 0
+    for step in range(150):
+        while len(live) < 3:
+            live[t.acquire()] = [(rng.integers(0, 3, 600)).tolist(), int(rng.integers(4, 40))]
+        slots = np.array(sorted(live), np.int32)
+        rows = np.zeros((len(slots), 600), np.int32)
+        for r, s in enumerate(slots):
+            live[s][1] += int(rng.integers(1, 6))
+            rows[r, :live[s][1]] = live[s][0][:live[s][1]]
+        t.step(rows, np.array([live[s][1] for s in slots], np.int32), slots, np.full(len(slots), 4, np.int32))
+        assert t.accepted_total[0] == t.stats()["accepted_tokens"], step
+        for s in slots:
+            if live[s][1] > 300 or rng.random() < 0.05:
+                t.release(int(s))
+                del live[s]
+                released += 1
+    assert released >= 5 and t.accepted_total[0] > 100
 
 
 def test_release_errors_name_the_slot():
@@ -650,13 +677,15 @@ def test_step_kernel_refuses_a_row_that_needs_an_allocation_and_changes_nothing(
     capacity = t.views[slot, kernels.VIEW_CONTEXT + 1]
     for n in (40 + kernels.MAX_WINDOW + 1, capacity + 1, 30):
         assert n <= len(context), n  # every case must run
-        state = [a.copy() for a in (t.meta, t.views, t.calib, t.cell_stats, t.last_draft, t._out_lens)]
+        state = [a.copy() for a in (t.meta, t.views, t.calib, t.cell_stats, t.accepted_total, t.last_draft,
+                                    t._out_lens)]
         got = kernels.step_batch(row, np.array([n], np.int32), slots, k, p.n_min, p.n_max, t._min_count,
                                  t._min_share, t.cross_slot, t._min_count_cross, p.stop_probability, t.views, t.meta,
-                                 t.calib, t.level_stats, t.cell_stats, t.last_draft, t.last_cell, t._out_drafts,
-                                 t._out_lens, t._pending, 0)
+                                 t.calib, t.level_stats, t.cell_stats, t.accepted_total, t.last_draft, t.last_cell,
+                                 t._out_drafts, t._out_lens, t._pending, 0)
         assert got == -1, n
-        for before, after in zip(state, (t.meta, t.views, t.calib, t.cell_stats, t.last_draft, t._out_lens)):
+        for before, after in zip(state, (t.meta, t.views, t.calib, t.cell_stats, t.accepted_total, t.last_draft,
+                                         t._out_lens)):
             np.testing.assert_array_equal(before, after)
     for n in (41, 40 + kernels.MAX_WINDOW + 5, 30, len(context)):  # through step: prepared, then drafted
         drafts, lens = t.step(row, np.array([n], np.int32), slots, k)

@@ -76,6 +76,7 @@ class AnpdProposer:
         self.tables.released_meta[:] = 0
         self.tables.released_level_stats[:] = 0
         self.tables.cell_stats[:] = 0
+        self.tables.accepted_total[:] = 0
         self.budget = BatchBudget(self.params)
 
     def reset(self) -> None:

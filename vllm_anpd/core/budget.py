@@ -16,7 +16,6 @@ sends those to every rank for verification.
 from __future__ import annotations
 
 from .config import AnpdParams
-from . import kernels as K
 
 _DECAY = 0.9  # weight of the past in the per-request averages (about the last ten steps)
 
@@ -100,10 +99,10 @@ class BatchBudget:
     def stop_probability(self, batch: int, tables, verify_cost: float | None = None) -> float:
         """The stop probability for this step's drafts (``params.stop_probability`` is the floor).
         ``verify_cost`` overrides ``params.verify_cost`` (the proposer passes the measured one)."""
-        accepted_total = int(tables.released_meta[K.META_ACCEPTED] + tables.meta[:, K.META_ACCEPTED].sum())
+        accepted_total = int(tables.accepted_total[0])
         if self._last_batch:
-            # Feedback for last step's drafts arrives in this step's update; the kernel counts it there.
-            # Released slots keep their counts in released_meta, so the total never goes backwards.
+            # Feedback for last step's drafts arrives in this step's update; the kernel counts it there, in a
+            # total over all requests that never goes backwards (released ones included).
             accepted = max(0, accepted_total - self._last_accepted_total) / self._last_batch
             drafted = self._pending_drafted / self._last_batch
             self.accepted_per_request = _DECAY * self.accepted_per_request + (1 - _DECAY) * accepted

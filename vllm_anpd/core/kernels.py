@@ -466,7 +466,7 @@ def _cell_probability(cell_stats, cell):
 
 
 @njit(cache=True, _nrt=False)
-def _feedback(s, row, start, end, last_draft, last_cell, meta, calib, level_stats, cell_stats):
+def _feedback(s, row, start, end, last_draft, last_cell, meta, calib, level_stats, cell_stats, accepted_total):
     """Score the previous draft of slot ``s`` against the tokens the target model produced.
 
     vLLM appends the accepted draft prefix plus one token of its own, so at most ``end - start - 1``
@@ -495,6 +495,7 @@ def _feedback(s, row, start, end, last_draft, last_cell, meta, calib, level_stat
         calib[s, 0] = CALIBRATION_DECAY * calib[s, 0] + p
         calib[s, 1] = CALIBRATION_DECAY * calib[s, 1] + hit
     meta[s, META_ACCEPTED] += accepted
+    accepted_total[0] += accepted
 
 
 @njit(cache=True, _nrt=False)
@@ -734,14 +735,15 @@ def _row_length(num_tokens, r, width):
 
 
 @njit(cache=True, inline="always")
-def _take_new_tokens(s, row, n, views, meta, last_draft, last_cell, calib, level_stats, cell_stats):
+def _take_new_tokens(s, row, n, views, meta, last_draft, last_cell, calib, level_stats, cell_stats,
+                     accepted_total):
     """Copy the row's tokens new since the last step into the slot's context (room made before) and score
     the last draft against them. Returns ``(context, tokens seen before)``."""
     seen = meta[s, META_SEEN]
     context = _context(views, s)
     if n > seen:
         context[seen:n] = row[seen:n]
-        _feedback(s, context, seen, n, last_draft, last_cell, meta, calib, level_stats, cell_stats)
+        _feedback(s, context, seen, n, last_draft, last_cell, meta, calib, level_stats, cell_stats, accepted_total)
         meta[s, META_SEEN] = n
     return context, seen
 
@@ -756,7 +758,7 @@ def _add_pending(pending, i, s, start, end, cross_start):
 
 @njit(cache=True)
 def prepare_rows(token_ids, num_tokens, slots, n_min, n_max, max_entries, cross_slot, keys, pairs, contexts, views,
-                 meta, calib, level_stats, cell_stats, last_draft, last_cell, pending, num_pending):
+                 meta, calib, level_stats, cell_stats, accepted_total, last_draft, last_cell, pending, num_pending):
     """The part of a step that may allocate, for the rows that need it; ``step_batch`` does the rest.
 
     A row whose context is shorter than what its slot has seen (a different request in the slot, or
@@ -783,7 +785,7 @@ def prepare_rows(token_ids, num_tokens, slots, n_min, n_max, max_entries, cross_
         if n - meta[s, META_CONSUMED] <= MAX_WINDOW:
             continue
         context, seen = _take_new_tokens(s, row, n, views, meta, last_draft, last_cell, calib, level_stats,
-                                         cell_stats)
+                                         cell_stats, accepted_total)
         _consume(s, context, meta[s, META_CONSUMED], n, n_min, n_max, keys, pairs, views, meta, max_entries, fps,
                  child, sink, True)
         if g >= 0 and 0 < seen < n:  # generated tokens, not a prompt
@@ -844,8 +846,8 @@ def _prefetch_first_lookups(token_ids, num_tokens, slots, max_draft, n_min, n_ma
 
 @njit(cache=True)
 def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count, min_share, cross_slot,
-               cross_min_count, stop_probability, views, meta, calib, level_stats, cell_stats, last_draft,
-               last_cell, out_drafts, out_lens, pending, num_pending):
+               cross_min_count, stop_probability, views, meta, calib, level_stats, cell_stats, accepted_total,
+               last_draft, last_cell, out_drafts, out_lens, pending, num_pending):
     """One engine step for a batch: score the last drafts, then draft; the tables learn afterwards.
 
     Row ``r`` of the batch is request slot ``slots[r]`` whose context is ``token_ids[r, :num_tokens[r]]``
@@ -888,7 +890,7 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
         row = token_ids[r]
         n = _row_length(num_tokens, r, row.size)
         context, seen = _take_new_tokens(s, row, n, views, meta, last_draft, last_cell, calib, level_stats,
-                                         cell_stats)
+                                         cell_stats, accepted_total)
         start = meta[s, META_CONSUMED]
         cross_start = seen if g >= 0 and 0 < seen < n else -1  # generated tokens, not a prompt
         if n > start or cross_start >= 0:
