@@ -268,6 +268,25 @@ def test_draft_limits_and_empty_contexts():
     assert l[0] == K  # clipped to num_speculative_tokens
 
 
+def test_max_len_cuts_drafts_at_the_model_length_and_lengths_are_counted():
+    """``max_len`` (vLLM: max_model_len - 1) bounds context + draft per row, counted from ``num_tokens``; each
+    stepped row's draft length is counted in ``draft_lengths`` (skipped rows are not)."""
+    context = [1, 2, 3, 4] * 4  # drafts K tokens unbounded
+    full = oracle.draft(context, AnpdParams(num_speculative_tokens=K), K)
+    assert len(full) == K
+    t = make_tables()
+    rows = np.array([context] * 3, np.int32)
+    slots = np.array([t.acquire(), t.acquire(), -1], np.int32)
+    n = np.array([len(context)] * 3)
+    lengths = []
+    for limit in (len(context) + K + 5, len(context) + K, len(context) + 2, len(context), len(context) - 3):
+        d, l = t.step(rows, n, slots, np.full(3, K, np.int32), max_len=limit)
+        want = full[:max(0, min(K, limit - len(context)))]
+        assert d[0, :l[0]].tolist() == want == d[1, :l[1]].tolist() and l[2] == 0, limit
+        lengths += [len(want)] * 2
+    assert t.draft_lengths.tolist() == np.bincount(lengths, minlength=K + 1).tolist()
+
+
 def test_out_of_range_token_ids_are_rejected_with_the_value():
     t = make_tables()
     with pytest.raises(ValueError, match="4294967296"):
@@ -678,14 +697,14 @@ def test_step_kernel_refuses_a_row_that_needs_an_allocation_and_changes_nothing(
     for n in (40 + kernels.MAX_WINDOW + 1, capacity + 1, 30):
         assert n <= len(context), n  # every case must run
         state = [a.copy() for a in (t.meta, t.views, t.calib, t.cell_stats, t.accepted_total, t.last_draft,
-                                    t._out_lens)]
-        got = kernels.step_batch(row, np.array([n], np.int32), slots, k, p.n_min, p.n_max, t._min_count,
+                                    t._out_lens, t.draft_lengths)]
+        got = kernels.step_batch(row, np.array([n], np.int32), slots, k, 10**9, p.n_min, p.n_max, t._min_count,
                                  t._min_share, t.cross_slot, t._min_count_cross, p.stop_probability, t.views, t.meta,
                                  t.calib, t.level_stats, t.cell_stats, t.accepted_total, t.last_draft, t.last_cell,
-                                 t._out_drafts, t._out_lens, t._pending, 0)
+                                 t._out_drafts, t._out_lens, t.draft_lengths, t._pending, 0)
         assert got == -1, n
         for before, after in zip(state, (t.meta, t.views, t.calib, t.cell_stats, t.accepted_total, t.last_draft,
-                                         t._out_lens)):
+                                         t._out_lens, t.draft_lengths)):
             np.testing.assert_array_equal(before, after)
     for n in (41, 40 + kernels.MAX_WINDOW + 5, 30, len(context)):  # through step: prepared, then drafted
         drafts, lens = t.step(row, np.array([n], np.int32), slots, k)

@@ -443,7 +443,7 @@ def test_statistics_line_and_adaptive_length_histogram(anpd_log):
     drafts = p.propose(*Batch()([CTX_A]))
     st = p.stats()
     assert st["draft_length_histogram"][len(drafts[0])] == 1 and sum(st["draft_length_histogram"]) == 1
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ANPD:") and "drafts" in r.getMessage()]
+    lines = [m for m in (r.getMessage() for r in caplog.records) if m.startswith("ANPD:") and "drafts" in m]
     assert len(lines) == 1 and "1 drafts" in lines[0] and "1 requests" in lines[0]
 
 

@@ -41,15 +41,13 @@ class AnpdProposer:
         max_num_seqs = int(vllm_config.scheduler_config.max_num_seqs)
         self._max_num_seqs = max_num_seqs
         self._slots = np.full(max_num_seqs, -1, np.int32)
-        self._max_draft = np.zeros(max_num_seqs, np.int32)
+        self._max_draft = np.full(max_num_seqs, self.k, np.int32)  # the model length is the kernel's to apply
         self._slot_of: dict[str, int] = {}
         self._owner: dict[str, object] = {}  # request id -> the runner's state object it was built for
         self._runner = _vllm_compat.find_constructing_runner()
         if self._runner is None:
             logger.warning("AnpdProposer built outside a vLLM model runner: requests are tracked by batch "
                            "row, which keeps outputs exact but weakens drafts when rows move.")
-        # Draft lengths proposed (index = length), for the adaptive-length distribution.
-        self.draft_length_histogram = np.zeros(self.k + 1, np.int64)
         # The tables learn each step's tokens on a background thread, while the target model verifies, unless
         # that thread could only share this thread's one CPU (vLLM's CPU worker binds it to one core): then in
         # the step.
@@ -72,7 +70,9 @@ class AnpdProposer:
         self._max_draft[:] = 0
         self._max_draft[0] = 1
         self.tables.step(tokens, np.full(max_num_seqs, 6, np.int32), self._slots, self._max_draft)
+        self._max_draft[:] = self.k
         self.tables.release(slot)
+        self.tables.draft_lengths[:] = 0
         self.tables.released_meta[:] = 0
         self.tables.released_level_stats[:] = 0
         self.tables.cell_stats[:] = 0
@@ -89,7 +89,6 @@ class AnpdProposer:
         self.tables = NgramTables(self.params, num_slots=self._max_num_seqs, max_batch=self._max_num_seqs,
                                   fold_in_background=self.fold_in_background)
         self._warm_up(self._max_num_seqs)
-        self.draft_length_histogram[:] = 0
         self._logged_drafts = 0
         # Step timing for the measured verify cost (see core/budget.py). The hardware does not change with a
         # reset, but the fit restarts with it, so a reset engine behaves like a fresh one.
@@ -102,6 +101,11 @@ class AnpdProposer:
 
     def load_model(self, *args, **kwargs) -> None:
         """No model: the CPU runner calls this unconditionally."""
+
+    @property
+    def draft_length_histogram(self) -> np.ndarray:
+        """Drafts proposed per length (index = length, 0 included), for the adaptive-length distribution."""
+        return self.tables.draft_lengths
 
     @property
     def num_active_requests(self) -> int:
@@ -135,7 +139,7 @@ class AnpdProposer:
             return []
         if batch > self._slots.shape[0]:
             self._slots = np.full(batch, -1, np.int32)
-            self._max_draft = np.zeros(batch, np.int32)
+            self._max_draft = np.full(batch, self.k, np.int32)
         req_ids = self._request_ids(batch)
         slots = self._slots[:batch]
         max_draft = self._max_draft[:batch]
@@ -151,9 +155,6 @@ class AnpdProposer:
                 if slot is None:
                     row_slots[i] = self._slot_for(req_ids[i])
         slots[:] = row_slots
-        # vLLM crashes on drafts longer than k, and a draft may not cross max_model_len.
-        np.minimum(self.max_model_len - 1 - num_tokens, self.k, out=max_draft, casting="unsafe")
-        np.maximum(max_draft, 0, out=max_draft)
         # The step that just ran was a pure decode step (its token count known) unless it prefilled: a partial
         # prefill, or a request that was not decoding at the previous step (new, or resumed after preemption,
         # which recomputes its context).
@@ -163,7 +164,9 @@ class AnpdProposer:
                 self.step_cost.observe(called_at - self._step_started_at, sum(previous))
         stop_probability = self.budget.stop_probability(batch - len(skipped), self.tables,
                                                         self.step_cost.verify_cost)
-        drafts, lens = self.tables.step(token_ids_cpu, num_tokens, slots, max_draft, stop_probability)
+        # vLLM crashes on drafts longer than k (max_draft), and a draft may not cross max_model_len.
+        drafts, lens = self.tables.step(token_ids_cpu, num_tokens, slots, max_draft, stop_probability,
+                                        self.max_model_len - 1)
         lengths = lens.tolist()
         self.budget.drafted(sum(lengths))
         # The next engine step verifies one token per row plus its draft (for the rows vLLM schedules again).
@@ -171,8 +174,6 @@ class AnpdProposer:
         for i in skipped:
             del self._next_step_tokens[req_ids[i]]
         self._step_started_at = time.perf_counter()
-        self.draft_length_histogram += np.bincount(lens[slots >= 0] if skipped else lens,
-                                                   minlength=self.k + 1)[: self.k + 1]
         if self._log_enabled and time.monotonic() >= self._next_log:
             self._log_stats()
         return [row[:n] for row, n in zip(drafts.tolist(), lengths)]

@@ -845,15 +845,16 @@ def _prefetch_first_lookups(token_ids, num_tokens, slots, max_draft, n_min, n_ma
 
 
 @njit(cache=True)
-def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count, min_share, cross_slot,
+def step_batch(token_ids, num_tokens, slots, max_draft, max_len, n_min, n_max, min_count, min_share, cross_slot,
                cross_min_count, stop_probability, views, meta, calib, level_stats, cell_stats, accepted_total,
-               last_draft, last_cell, out_drafts, out_lens, pending, num_pending):
+               last_draft, last_cell, out_drafts, out_lens, draft_lengths, pending, num_pending):
     """One engine step for a batch: score the last drafts, then draft; the tables learn afterwards.
 
     Row ``r`` of the batch is request slot ``slots[r]`` whose context is ``token_ids[r, :num_tokens[r]]``
     (prompt + every token produced so far). Rows with ``slots[r] < 0`` are skipped. At most
-    ``max_draft[r]`` tokens are drafted (0 still updates the tables). Writes ``out_drafts[r, :len]`` and
-    ``out_lens[r]``.
+    ``max_draft[r]`` tokens are drafted (0 still updates the tables), and none past ``max_len`` tokens of
+    context plus draft (counted from ``num_tokens[r]``). Writes ``out_drafts[r, :len]`` and ``out_lens[r]``,
+    and counts each row's draft length in ``draft_lengths``.
 
     The tokens new since the last step are copied into the slot's context array, and drafted from without
     being folded into the tables yet (up to ``MAX_WINDOW`` of them: ``_lookup_own`` counts them). Folding
@@ -896,9 +897,10 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
         if n > start or cross_start >= 0:
             _add_pending(pending, num_pending, s, start, n, cross_start)
             num_pending += 1
-        k = min(max_draft[r], out_drafts.shape[1])
+        k = min(max_draft[r], out_drafts.shape[1], max_len - num_tokens[r])
         if k <= 0 or n <= 0:
             meta[s, META_LAST_DRAFT_LEN] = 0
+            draft_lengths[0] += 1
             continue
         for j in range(n - start):
             key_fingerprints(context, start + j, min(n_max - 1, start + j), win_fps[j])
@@ -907,6 +909,7 @@ def step_batch(token_ids, num_tokens, slots, max_draft, n_min, n_max, min_count,
                              last_draft, last_cell, meta, calib,
                              level_stats, cell_stats, buf, fps, out_drafts, start, win_fps,
                              level_rows, cand_token, cand_count)
+        draft_lengths[out_lens[r]] += 1
     return num_pending
 
 

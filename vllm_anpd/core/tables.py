@@ -20,6 +20,7 @@ from . import kernels as K
 from .config import AnpdParams
 
 _INITIAL_CAPACITY = 16
+_NO_LENGTH_LIMIT = np.iinfo(np.int64).max // 2
 
 # A step's fold goes to the background thread only from this many rows on. Handing it over wakes the thread
 # (a futex wake; on a VM also an interrupt to another virtual CPU) on the step's path: ~8-9 us per step on
@@ -161,6 +162,8 @@ class NgramTables:
         # step. One cell, so reading it costs no pass over the slots (a cold numpy sum over the slots' metadata
         # cost ~15 us per step in an engine).
         self.accepted_total = np.zeros(1, np.int64)
+        # Drafts per length (index = length; 0 for a row that drafted nothing), one per row stepped with a slot.
+        self.draft_lengths = np.zeros(params.num_speculative_tokens + 1, np.int64)
         # Statistics of released requests, so totals survive the slots.
         self.released_meta = np.zeros(K.META_COLUMNS, np.int64)
         self.released_level_stats = np.zeros((2 * params.num_levels, 2), np.int64)
@@ -251,12 +254,13 @@ class NgramTables:
 
     # --- the step --------------------------------------------------------------------------------
     def step(self, token_ids: np.ndarray, num_tokens: np.ndarray, slots: np.ndarray, max_draft: np.ndarray,
-             stop_probability: float | None = None):
+             stop_probability: float | None = None, max_len: int = _NO_LENGTH_LIMIT):
         """Update and draft for a batch. Returns ``(drafts[B, k], lengths[B])`` (views, reused next call).
 
         ``token_ids``: int32 ``[B', L]`` with ``B' >= B``: row ``r`` holds request ``slots[r]``'s context.
         ``num_tokens``: context length per row. ``slots``: int32 per row (``-1`` skips the row).
-        ``max_draft``: per-row draft limit, already clipped by the caller to the model length.
+        ``max_draft``: per-row draft limit. ``max_len``: no row's context plus draft goes past it (for vLLM,
+        ``max_model_len - 1``: the token after the draft must fit too).
         """
         self.settle()
         batch = slots.shape[0]
@@ -273,10 +277,10 @@ class NgramTables:
         num_pending = -1
         if not self._acquired_since_step:
             num_pending = K.step_batch(
-                token_ids, num_tokens, slots, max_draft, p.n_min, p.n_max, self._min_count, self._min_share,
+                token_ids, num_tokens, slots, max_draft, max_len, p.n_min, p.n_max, self._min_count, self._min_share,
                 self.cross_slot, self._min_count_cross, stop, self.views, self.meta, self.calib, self.level_stats,
                 self.cell_stats, self.accepted_total, self.last_draft, self.last_cell, self._out_drafts,
-                self._out_lens, self._pending, 0)
+                self._out_lens, self.draft_lengths, self._pending, 0)
         if num_pending < 0:
             num_prepared, _ = K.prepare_rows(
                 token_ids, num_tokens, slots, p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot,
@@ -284,10 +288,10 @@ class NgramTables:
                 self.cell_stats, self.accepted_total, self.last_draft, self.last_cell, self._pending, 0)
             self._acquired_since_step = False
             num_pending = K.step_batch(
-                token_ids, num_tokens, slots, max_draft, p.n_min, p.n_max, self._min_count, self._min_share,
+                token_ids, num_tokens, slots, max_draft, max_len, p.n_min, p.n_max, self._min_count, self._min_share,
                 self.cross_slot, self._min_count_cross, stop, self.views, self.meta, self.calib, self.level_stats,
                 self.cell_stats, self.accepted_total, self.last_draft, self.last_cell, self._out_drafts,
-                self._out_lens, self._pending, num_prepared)
+                self._out_lens, self.draft_lengths, self._pending, num_prepared)
             if num_pending < 0:
                 raise RuntimeError("ANPD: a row still needs an allocation after prepare_rows (a bug)")
         if num_pending:
@@ -307,8 +311,8 @@ class NgramTables:
         self.settle()
         total = sum(a.nbytes for lst in (self.keys, self.pairs, self.contexts) for a in lst)
         total += sum(a.nbytes for a in (self.meta, self.views, self.calib, self.level_stats, self.last_draft,
-                                         self.last_cell, self.cell_stats, self.accepted_total, self._out_drafts,
-                                         self._out_lens, self._pending))
+                                         self.last_cell, self.cell_stats, self.accepted_total,
+                                         self.draft_lengths, self._out_drafts, self._out_lens, self._pending))
         return int(total)
 
     def slot_bytes(self, slot: int) -> int:
