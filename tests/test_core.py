@@ -682,6 +682,44 @@ def test_hot_path_follows_every_array_the_tables_replace(seed):
     assert growths > 50 and tables.num_slots >= 5
 
 
+def test_fold_allocates_nothing_the_step_reserves_its_room(monkeypatch):
+    """The fold takes arrays only (cheap to dispatch, GIL-free from its first instruction): ``step`` grows
+    the tables it will write to beforehand (``reserve_fold_room``, when ``step_batch`` reports the need). No
+    fold may then replace a table or drop an n-gram of an unbounded table, while tables (own and shared) grow
+    many times; drafts equal the oracle's."""
+    folds = []
+    fold_pending = kernels.fold_pending
+
+    def checked_fold(pending, *args):
+        views, meta = args[-2], args[-1]
+        before = views.copy(), meta[:, kernels.META_DROPPED].copy()
+        out = fold_pending(pending, *args)
+        np.testing.assert_array_equal(views, before[0])
+        np.testing.assert_array_equal(meta[:, kernels.META_DROPPED], before[1])
+        folds.append(len(pending))
+        return out
+
+    monkeypatch.setattr(kernels, "fold_pending", checked_fold)
+    rng = np.random.default_rng(4)
+    p = _AnpdParams(num_speculative_tokens=5, n_min=2, n_max=5, stop_probability=0.0, cross_min_count=1)
+    t = NgramTables(p, num_slots=2, max_batch=4)
+    grown = set()
+    streams = [rng.integers(0, 50, 2500).tolist() for _ in range(3)]
+    slots = np.array([t.acquire() for _ in streams], np.int32)
+    n = [20, 300, 5]
+    for step in range(400):
+        n = [min(len(st_) - 1, m + int(rng.integers(1, 7))) for st_, m in zip(streams, n)]
+        rows = np.zeros((3, 2500), np.int32)
+        for r, st_ in enumerate(streams):
+            rows[r, :n[r]] = st_[:n[r]]
+        before = t.views[:, [kernels.VIEW_KEYS + 1, kernels.VIEW_PAIRS + 1]].copy()
+        d, l = t.step(rows, np.array(n), slots, np.full(3, 5, np.int32))
+        grown |= {int(s) for s in np.flatnonzero((t.views[:, [kernels.VIEW_KEYS + 1, kernels.VIEW_PAIRS + 1]]
+                                                  != before).any(axis=1))}
+    assert len(folds) >= 390 and t.cross_slot in grown and set(slots.tolist()) <= grown
+    assert t.stats()["dropped_ngrams"] == 0
+
+
 def test_step_kernel_refuses_a_row_that_needs_an_allocation_and_changes_nothing():
     """``step_batch`` takes arrays only (no lists to grow): a row needing an allocation (a long new window, a
     context past its array, a shrunk context) makes it return -1 before it touches anything; ``step`` then
@@ -699,10 +737,11 @@ def test_step_kernel_refuses_a_row_that_needs_an_allocation_and_changes_nothing(
         state = [a.copy() for a in (t.meta, t.views, t.calib, t.cell_stats, t.accepted_total, t.last_draft,
                                     t._out_lens, t.draft_lengths)]
         got = kernels.step_batch(row, np.array([n], np.int32), slots, k, 10**9, p.n_min, p.n_max, t._min_count,
-                                 t._min_share, t.cross_slot, t._min_count_cross, p.stop_probability, t.views, t.meta,
+                                 t._min_share, t.cross_slot, t._min_count_cross, p.stop_probability,
+                                 p.max_entries_per_request, p.cross_request_entries, t.views, t.meta,
                                  t.calib, t.level_stats, t.cell_stats, t.accepted_total, t.last_draft, t.last_cell,
                                  t._out_drafts, t._out_lens, t.draft_lengths, t._pending, 0)
-        assert got == -1, n
+        assert got == (-1, False), n
         for before, after in zip(state, (t.meta, t.views, t.calib, t.cell_stats, t.accepted_total, t.last_draft,
                                          t._out_lens, t.draft_lengths)):
             np.testing.assert_array_equal(before, after)

@@ -312,20 +312,28 @@ def _entry_limit(cap, max_entries):
 
 
 @njit(cache=True)
-def _room_for(table, used, extra, max_entries):
-    """``table`` or a grown copy in which ``extra`` more records fit (doubling, so growth is amortised
-    O(1) per record), never grown past what ``max_entries`` needs."""
+def _grown_capacity(cap, used, extra, max_entries):
+    """The capacity ``_room_for`` gives a table of ``cap`` rows holding ``used`` records for ``extra`` more:
+    ``cap`` itself when it needs no growth or may not grow."""
     want = used + extra
-    if want <= _entry_limit(table.shape[0], 0):
-        return table
+    if want <= _entry_limit(cap, 0):
+        return cap
     grown = max(want, 2 * used)
     if max_entries > 0:
         if used >= max_entries:
-            return table  # full: observations are dropped (and counted) instead
+            return cap  # full: observations are dropped (and counted) instead
         grown = min(grown, max_entries)
-    if table_capacity_for(grown) <= table.shape[0]:
+    return max(cap, table_capacity_for(grown))
+
+
+@njit(cache=True)
+def _room_for(table, used, extra, max_entries):
+    """``table`` or a grown copy in which ``extra`` more records fit (doubling, so growth is amortised
+    O(1) per record), never grown past what ``max_entries`` needs."""
+    cap = _grown_capacity(table.shape[0], used, extra, max_entries)
+    if cap == table.shape[0]:
         return table
-    return _regrow(table, table_capacity_for(grown))
+    return _regrow(table, cap)
 
 
 @njit(cache=True, _nrt=False)
@@ -400,6 +408,10 @@ def _consume(s, row, start, end, n_min, n_max, keys, pairs, views, meta, max_ent
     long keys are new, so this stores about half the records and touches fewer of them, with drafts
     identical to storing every key (the oracle tests). Eager (the cross-request table, which keeps no
     context): every level is counted. ``fps`` and ``child`` are scratch arrays of ``n_max`` fingerprints.
+
+    The tables grow as they fill when ``keys`` and ``pairs`` (the lists that own them) are given. With
+    ``None`` for both (the fold, which takes arrays only), nothing is allocated: ``reserve_fold_room`` made
+    the room beforehand.
     """
     num_levels = n_max - n_min + 1
     touched = np.int64(0)
@@ -411,14 +423,15 @@ def _consume(s, row, start, end, n_min, n_max, keys, pairs, views, meta, max_ent
         if longest < n_min - 1:
             continue
         # Room for this position's records before touching them (the table object may change).
-        if meta[s, META_KEYS] + num_levels + 1 > _entry_limit(kt.shape[0], 0):
-            kt = _room_for(kt, meta[s, META_KEYS], num_levels + 1, max_entries)
-            keys[s] = kt
-            _set_view(views, s, VIEW_KEYS, kt)
-        if meta[s, META_PAIRS] + 2 * num_levels > _entry_limit(pt.shape[0], 0):
-            pt = _room_for(pt, meta[s, META_PAIRS], 2 * num_levels, max_entries)
-            pairs[s] = pt
-            _set_view(views, s, VIEW_PAIRS, pt)
+        if keys is not None:
+            if meta[s, META_KEYS] + num_levels + 1 > _entry_limit(kt.shape[0], 0):
+                kt = _room_for(kt, meta[s, META_KEYS], num_levels + 1, max_entries)
+                keys[s] = kt
+                _set_view(views, s, VIEW_KEYS, kt)
+            if meta[s, META_PAIRS] + 2 * num_levels > _entry_limit(pt.shape[0], 0):
+                pt = _room_for(pt, meta[s, META_PAIRS], 2 * num_levels, max_entries)
+                pairs[s] = pt
+                _set_view(views, s, VIEW_PAIRS, pt)
         key_fingerprints(row, pos, longest, fps)
         # The levels' records are independent: load all of them first so that their cache misses
         # overlap (a long context's tables live in DRAM), then update them one by one.
@@ -846,8 +859,9 @@ def _prefetch_first_lookups(token_ids, num_tokens, slots, max_draft, n_min, n_ma
 
 @njit(cache=True)
 def step_batch(token_ids, num_tokens, slots, max_draft, max_len, n_min, n_max, min_count, min_share, cross_slot,
-               cross_min_count, stop_probability, views, meta, calib, level_stats, cell_stats, accepted_total,
-               last_draft, last_cell, out_drafts, out_lens, draft_lengths, pending, num_pending):
+               cross_min_count, stop_probability, max_entries, cross_max_entries, views, meta, calib, level_stats,
+               cell_stats, accepted_total, last_draft, last_cell, out_drafts, out_lens, draft_lengths, pending,
+               num_pending):
     """One engine step for a batch: score the last drafts, then draft; the tables learn afterwards.
 
     Row ``r`` of the batch is request slot ``slots[r]`` whose context is ``token_ids[r, :num_tokens[r]]``
@@ -867,12 +881,12 @@ def step_batch(token_ids, num_tokens, slots, max_draft, max_len, n_min, n_max, m
 
     Nothing here allocates a table or takes one out of its list, so the call takes arrays only (numba's
     dispatch of typed lists costs tens of microseconds when the caches are cold, as after a forward pass). If
-    a row needs an allocation (see ``prepare_rows``), nothing is changed and -1 is returned; else the new
-    ``num_pending``.
+    a row needs an allocation (see ``prepare_rows``), nothing is changed and ``(-1, False)`` is returned;
+    else ``(the new num_pending, whether the fold needs reserve_fold_room first)``.
     """
     _prefetch_slot_records(slots, views, meta, calib, level_stats, last_draft, last_cell)
     if not _rows_ready(token_ids, num_tokens, slots, views, meta):
-        return -1
+        return -1, False
     buf = np.empty(n_max - 1 + out_drafts.shape[1], np.int32)  # the chain being drafted
     fps = np.empty(n_max, np.int64)  # key fingerprints of every level at one position
     win_fps = np.empty((MAX_WINDOW, n_max), np.int64)  # ... at every position of the window
@@ -910,17 +924,19 @@ def step_batch(token_ids, num_tokens, slots, max_draft, max_len, n_min, n_max, m
                              level_stats, cell_stats, buf, fps, out_drafts, start, win_fps,
                              level_rows, cand_token, cand_count)
         draft_lengths[out_lens[r]] += 1
-    return num_pending
+    return num_pending, fold_needs_room(pending[:num_pending], n_min, n_max, max_entries, g, cross_max_entries,
+                                        views, meta)
 
 
 @njit(cache=True, nogil=True)
-def fold_pending(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, contexts,
-                 views, meta):
+def fold_pending(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, views, meta):
     """Fold what a ``step_batch`` left pending into the tables: each request's new tokens into its own
     tables, its generated tokens into the cross-request table (cleared and restarted when it reaches
     ``cross_max_entries``: bounded memory, recent content).
 
-    Releases the GIL: the caller may run it on a background thread, as long as nothing else reads or
+    Arrays only, and it allocates nothing: when ``step_batch`` reports that a table must grow first,
+    ``reserve_fold_room`` grows it before (on the caller's thread). So the call is cheap to dispatch, and
+    it releases the GIL: the caller may run it on a background thread, as long as nothing else reads or
     writes the tables until it returns. Returns a checksum, as ``step_batch``.
     """
     fps = np.empty(n_max, np.int64)
@@ -931,20 +947,75 @@ def fold_pending(pending, n_min, n_max, max_entries, cross_slot, cross_max_entri
         s, start, end, cross_start = pending[i, 0], pending[i, 1], pending[i, 2], pending[i, 3]
         context = _context(views, s)
         if end > start:
-            _consume(s, context, start, end, n_min, n_max, keys, pairs, views, meta, max_entries, fps, child, sink,
+            _consume(s, context, start, end, n_min, n_max, None, None, views, meta, max_entries, fps, child, sink,
                      True)
         if g >= 0 and cross_start >= 0:
             if meta[g, META_KEYS] + (end - cross_start) * (n_max - n_min + 1) > cross_max_entries:
-                _clear_tables(g, keys, pairs, meta)
-            _consume(g, context, cross_start, end, n_min, n_max, keys, pairs, views, meta, cross_max_entries, fps,
+                _clear_tables(g, views, meta)
+            _consume(g, context, cross_start, end, n_min, n_max, None, None, views, meta, cross_max_entries, fps,
                      child, sink, False)
     return sink[0]
 
 
 @njit(cache=True)
-def _clear_tables(s, keys, pairs, meta):
-    keys[s][:] = 0
-    pairs[s][:] = 0
+def _clear_tables(s, views, meta):
+    _key_table(views, s)[:] = 0
+    _pair_table(views, s)[:] = 0
     meta[s, META_KEYS] = 0
     meta[s, META_PAIRS] = 0
     meta[s, META_CLEARS] += 1
+
+
+# A folded token adds at most ``levels + 1`` key records and ``2 x levels`` pair records to a table (what
+# ``_consume`` makes room for before each position).
+@njit(cache=True, inline="always")
+def _fold_grows(views, meta, s, tokens, num_levels, max_entries):
+    """Whether folding ``tokens`` more tokens into slot ``s`` could grow one of its tables."""
+    kcap = views[s, VIEW_KEYS + 1]
+    pcap = views[s, VIEW_PAIRS + 1]
+    return (_grown_capacity(kcap, meta[s, META_KEYS], tokens * (num_levels + 1), max_entries) != kcap
+            or _grown_capacity(pcap, meta[s, META_PAIRS], tokens * 2 * num_levels, max_entries) != pcap)
+
+
+@njit(cache=True)
+def fold_needs_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, views, meta):
+    """Whether ``fold_pending(pending, ...)`` could need a table to grow (then ``reserve_fold_room`` first).
+    Counts every token as adding the most records it can: the room made may run ahead of what the fold
+    uses by a step's worth of tokens."""
+    num_levels = n_max - n_min + 1
+    cross_tokens = 0
+    for i in range(pending.shape[0]):
+        s, start, end, cross_start = pending[i, 0], pending[i, 1], pending[i, 2], pending[i, 3]
+        if end > start and _fold_grows(views, meta, s, end - start, num_levels, max_entries):
+            return True
+        if cross_slot >= 0 and cross_start >= 0:
+            cross_tokens += end - cross_start
+    return cross_tokens > 0 and _fold_grows(views, meta, cross_slot, cross_tokens, num_levels, cross_max_entries)
+
+
+@njit(cache=True)
+def _reserve(s, tokens, num_levels, max_entries, keys, pairs, views, meta):
+    kt = _room_for(keys[s], meta[s, META_KEYS], tokens * (num_levels + 1), max_entries)
+    if kt.shape[0] != views[s, VIEW_KEYS + 1]:
+        keys[s] = kt
+        _set_view(views, s, VIEW_KEYS, kt)
+    pt = _room_for(pairs[s], meta[s, META_PAIRS], tokens * 2 * num_levels, max_entries)
+    if pt.shape[0] != views[s, VIEW_PAIRS + 1]:
+        pairs[s] = pt
+        _set_view(views, s, VIEW_PAIRS, pt)
+
+
+@njit(cache=True)
+def reserve_fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, views, meta):
+    """Grow the tables ``fold_pending(pending, ...)`` will write to, so that it allocates nothing (on the
+    caller's thread, which owns the lists; the fold may then run on another)."""
+    num_levels = n_max - n_min + 1
+    cross_tokens = 0
+    for i in range(pending.shape[0]):
+        s, start, end, cross_start = pending[i, 0], pending[i, 1], pending[i, 2], pending[i, 3]
+        if end > start:
+            _reserve(s, end - start, num_levels, max_entries, keys, pairs, views, meta)
+        if cross_slot >= 0 and cross_start >= 0:
+            cross_tokens += end - cross_start
+    if cross_tokens > 0:
+        _reserve(cross_slot, cross_tokens, num_levels, cross_max_entries, keys, pairs, views, meta)

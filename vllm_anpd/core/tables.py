@@ -188,10 +188,12 @@ class NgramTables:
         if self._fold_thread is not None:
             self._fold_thread.wait()
 
-    def _fold(self, pending: np.ndarray, background: bool) -> None:
+    def _fold(self, pending: np.ndarray, background: bool, needs_room: bool = True) -> None:
         p = self.params
-        args = (pending, p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot, p.cross_request_entries,
-                self.keys, self.pairs, self.contexts, self.views, self.meta)
+        args = (pending, p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot, p.cross_request_entries)
+        if needs_room:  # on this thread, which owns the lists: the fold takes arrays only
+            K.reserve_fold_room(*args, self.keys, self.pairs, self.views, self.meta)
+        args += (self.views, self.meta)
         if background and self._fold_thread is not None:
             self._fold_thread.submit(K.fold_pending, *args)
         else:
@@ -275,27 +277,30 @@ class NgramTables:
         # Most steps need no allocation: step_batch takes arrays only (cheap to dispatch). A step with a new
         # request (its prompt), or any row that step_batch finds needs one, goes through prepare_rows first.
         num_pending = -1
+        # The fold's limits travel with the step: step_batch reports whether the fold needs a table grown first.
+        limits = (p.max_entries_per_request, p.cross_request_entries)
         if not self._acquired_since_step:
-            num_pending = K.step_batch(
+            num_pending, needs_room = K.step_batch(
                 token_ids, num_tokens, slots, max_draft, max_len, p.n_min, p.n_max, self._min_count, self._min_share,
-                self.cross_slot, self._min_count_cross, stop, self.views, self.meta, self.calib, self.level_stats,
-                self.cell_stats, self.accepted_total, self.last_draft, self.last_cell, self._out_drafts,
-                self._out_lens, self.draft_lengths, self._pending, 0)
+                self.cross_slot, self._min_count_cross, stop, *limits, self.views, self.meta, self.calib,
+                self.level_stats, self.cell_stats, self.accepted_total, self.last_draft, self.last_cell,
+                self._out_drafts, self._out_lens, self.draft_lengths, self._pending, 0)
         if num_pending < 0:
             num_prepared, _ = K.prepare_rows(
                 token_ids, num_tokens, slots, p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot,
                 self.keys, self.pairs, self.contexts, self.views, self.meta, self.calib, self.level_stats,
                 self.cell_stats, self.accepted_total, self.last_draft, self.last_cell, self._pending, 0)
             self._acquired_since_step = False
-            num_pending = K.step_batch(
+            num_pending, needs_room = K.step_batch(
                 token_ids, num_tokens, slots, max_draft, max_len, p.n_min, p.n_max, self._min_count, self._min_share,
-                self.cross_slot, self._min_count_cross, stop, self.views, self.meta, self.calib, self.level_stats,
-                self.cell_stats, self.accepted_total, self.last_draft, self.last_cell, self._out_drafts,
-                self._out_lens, self.draft_lengths, self._pending, num_prepared)
+                self.cross_slot, self._min_count_cross, stop, *limits, self.views, self.meta, self.calib,
+                self.level_stats, self.cell_stats, self.accepted_total, self.last_draft, self.last_cell,
+                self._out_drafts, self._out_lens, self.draft_lengths, self._pending, num_prepared)
             if num_pending < 0:
                 raise RuntimeError("ANPD: a row still needs an allocation after prepare_rows (a bug)")
         if num_pending:
-            self._fold(self._pending[:num_pending], background=num_pending >= self.background_fold_min_rows)
+            self._fold(self._pending[:num_pending], background=num_pending >= self.background_fold_min_rows,
+                       needs_room=needs_room)
         return self._out_drafts[:batch], self._out_lens[:batch]
 
     @staticmethod
