@@ -718,6 +718,14 @@ def test_fold_allocates_nothing_the_step_reserves_its_room(monkeypatch):
                                                   != before).any(axis=1))}
     assert len(folds) >= 390 and t.cross_slot in grown and set(slots.tolist()) <= grown
     assert t.stats()["dropped_ngrams"] == 0
+    # The room reserved counts only positions that end a key: a tiny context grows nothing (the engine's soak
+    # test measures a one-token request's bytes against a fresh slot's).
+    for n in (1, 2, 3):  # each prompt folded at once, as a new request's
+        tiny = NgramTables(p, num_slots=1, max_batch=1)
+        s = tiny.acquire()
+        fresh = tiny.slot_bytes(s)
+        tiny.step(np.array([[7, 8, 9]], np.int32), np.array([n]), np.array([s], np.int32), np.array([5], np.int32))
+        assert tiny.slot_bytes(s) == fresh, n
 
 
 def test_step_kernel_refuses_a_row_that_needs_an_allocation_and_changes_nothing():

@@ -966,40 +966,56 @@ def _clear_tables(s, views, meta):
     meta[s, META_CLEARS] += 1
 
 
-# A folded token adds at most ``levels + 1`` key records and ``2 x levels`` pair records to a table (what
-# ``_consume`` makes room for before each position).
 @njit(cache=True, inline="always")
-def _fold_grows(views, meta, s, tokens, num_levels, max_entries):
-    """Whether folding ``tokens`` more tokens into slot ``s`` could grow one of its tables."""
+def _fold_records(start, end, n_min, n_max):
+    """The most (key, pair) records that folding tokens ``start..end-1`` of a context can add to a table: a
+    position with ``levels`` keys ending before it adds at most ``levels + 1`` keys (a new one, and the longer
+    key of an earlier occurrence made explicit) and ``2 x levels`` pairs (a successor, and the old top's
+    count moved out)."""
+    keys = 0
+    pairs = 0
+    for pos in range(max(start, n_min - 1), end):
+        levels = min(n_max - 1, pos) - n_min + 2
+        keys += levels + 1
+        pairs += 2 * levels
+    return keys, pairs
+
+
+@njit(cache=True, inline="always")
+def _grows(views, meta, s, keys, pairs, max_entries):
+    """Whether ``keys`` and ``pairs`` more records could make one of slot ``s``'s tables grow."""
     kcap = views[s, VIEW_KEYS + 1]
     pcap = views[s, VIEW_PAIRS + 1]
-    return (_grown_capacity(kcap, meta[s, META_KEYS], tokens * (num_levels + 1), max_entries) != kcap
-            or _grown_capacity(pcap, meta[s, META_PAIRS], tokens * 2 * num_levels, max_entries) != pcap)
+    return (_grown_capacity(kcap, meta[s, META_KEYS], keys, max_entries) != kcap
+            or _grown_capacity(pcap, meta[s, META_PAIRS], pairs, max_entries) != pcap)
 
 
 @njit(cache=True)
 def fold_needs_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, views, meta):
     """Whether ``fold_pending(pending, ...)`` could need a table to grow (then ``reserve_fold_room`` first).
-    Counts every token as adding the most records it can: the room made may run ahead of what the fold
-    uses by a step's worth of tokens."""
-    num_levels = n_max - n_min + 1
-    cross_tokens = 0
+    Counts the most records each token can add, so the room made may run ahead of what the fold uses."""
+    cross_keys = 0
+    cross_pairs = 0
     for i in range(pending.shape[0]):
         s, start, end, cross_start = pending[i, 0], pending[i, 1], pending[i, 2], pending[i, 3]
-        if end > start and _fold_grows(views, meta, s, end - start, num_levels, max_entries):
-            return True
+        if end > start:
+            keys, pairs = _fold_records(start, end, n_min, n_max)
+            if _grows(views, meta, s, keys, pairs, max_entries):
+                return True
         if cross_slot >= 0 and cross_start >= 0:
-            cross_tokens += end - cross_start
-    return cross_tokens > 0 and _fold_grows(views, meta, cross_slot, cross_tokens, num_levels, cross_max_entries)
+            keys, pairs = _fold_records(cross_start, end, n_min, n_max)
+            cross_keys += keys
+            cross_pairs += pairs
+    return cross_keys > 0 and _grows(views, meta, cross_slot, cross_keys, cross_pairs, cross_max_entries)
 
 
 @njit(cache=True)
-def _reserve(s, tokens, num_levels, max_entries, keys, pairs, views, meta):
-    kt = _room_for(keys[s], meta[s, META_KEYS], tokens * (num_levels + 1), max_entries)
+def _reserve(s, keys_needed, pairs_needed, max_entries, keys, pairs, views, meta):
+    kt = _room_for(keys[s], meta[s, META_KEYS], keys_needed, max_entries)
     if kt.shape[0] != views[s, VIEW_KEYS + 1]:
         keys[s] = kt
         _set_view(views, s, VIEW_KEYS, kt)
-    pt = _room_for(pairs[s], meta[s, META_PAIRS], tokens * 2 * num_levels, max_entries)
+    pt = _room_for(pairs[s], meta[s, META_PAIRS], pairs_needed, max_entries)
     if pt.shape[0] != views[s, VIEW_PAIRS + 1]:
         pairs[s] = pt
         _set_view(views, s, VIEW_PAIRS, pt)
@@ -1009,13 +1025,16 @@ def _reserve(s, tokens, num_levels, max_entries, keys, pairs, views, meta):
 def reserve_fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, views, meta):
     """Grow the tables ``fold_pending(pending, ...)`` will write to, so that it allocates nothing (on the
     caller's thread, which owns the lists; the fold may then run on another)."""
-    num_levels = n_max - n_min + 1
-    cross_tokens = 0
+    cross_keys = 0
+    cross_pairs = 0
     for i in range(pending.shape[0]):
         s, start, end, cross_start = pending[i, 0], pending[i, 1], pending[i, 2], pending[i, 3]
         if end > start:
-            _reserve(s, end - start, num_levels, max_entries, keys, pairs, views, meta)
+            keys_needed, pairs_needed = _fold_records(start, end, n_min, n_max)
+            _reserve(s, keys_needed, pairs_needed, max_entries, keys, pairs, views, meta)
         if cross_slot >= 0 and cross_start >= 0:
-            cross_tokens += end - cross_start
-    if cross_tokens > 0:
-        _reserve(cross_slot, cross_tokens, num_levels, cross_max_entries, keys, pairs, views, meta)
+            keys_needed, pairs_needed = _fold_records(cross_start, end, n_min, n_max)
+            cross_keys += keys_needed
+            cross_pairs += pairs_needed
+    if cross_keys > 0:
+        _reserve(cross_slot, cross_keys, cross_pairs, cross_max_entries, keys, pairs, views, meta)
