@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -785,20 +784,11 @@ def test_only_folds_of_enough_rows_go_to_the_background_thread():
         NgramTables(p, num_slots=1, fold_in_background=True, background_fold_min_rows=0)
 
 
-def test_fold_thread_can_overlap_only_where_the_caller_may_use_another_cpu():
+def test_fold_thread_can_overlap_only_where_the_caller_may_use_another_cpu(run_bound_to_one_cpu):
     """A thread inherits its creator's CPU affinity; bound to one CPU, a fold thread cannot overlap it."""
     from vllm_anpd.core.tables import fold_thread_can_overlap
 
-    out = {}
-
-    def bound():
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # this thread only
-        out["bound"] = fold_thread_can_overlap()
-
-    t = threading.Thread(target=bound)
-    t.start()
-    t.join()
-    assert out["bound"] is False
+    assert run_bound_to_one_cpu(fold_thread_can_overlap) is False
     assert fold_thread_can_overlap() is (len(os.sched_getaffinity(0)) > 1)
 
 

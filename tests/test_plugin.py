@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -447,25 +446,11 @@ def test_statistics_line_and_adaptive_length_histogram(anpd_log):
     assert len(lines) == 1 and "1 drafts" in lines[0] and "1 requests" in lines[0]
 
 
-def _built_in_a_thread_bound_to_one_cpu(build):
-    """``build()`` run in a new thread bound to one CPU (as vLLM's CPU worker binds its main thread)."""
-    out = {}
-
-    def run():
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # this thread only
-        out["value"] = build()
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    return out["value"]
-
-
-def test_tables_learn_in_the_step_when_the_worker_thread_is_bound_to_one_cpu(anpd_log):
+def test_tables_learn_in_the_step_when_the_worker_thread_is_bound_to_one_cpu(anpd_log, run_bound_to_one_cpu):
     """A fold thread inherits its creator's CPU affinity: bound to the worker's one core, it could only take
     turns with the forward pass. The proposer then folds inside propose, with the same drafts."""
-    pinned = _built_in_a_thread_bound_to_one_cpu(lambda: make_proposer(k=5, max_model_len=128, paper=False,
-                                                                       measure_verify_cost=False))
+    pinned = run_bound_to_one_cpu(lambda: make_proposer(k=5, max_model_len=128, paper=False,
+                                                         measure_verify_cost=False))
     free = make_proposer(k=5, max_model_len=128, paper=False, measure_verify_cost=False)
     assert pinned[0].fold_in_background is False and pinned[0].tables._fold_thread is None
     assert pinned[0].stats()["fold_in_background"] is False

@@ -991,25 +991,6 @@ def _grows(views, meta, s, keys, pairs, max_entries):
 
 
 @njit(cache=True)
-def fold_needs_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, views, meta):
-    """Whether ``fold_pending(pending, ...)`` could need a table to grow (then ``reserve_fold_room`` first).
-    Counts the most records each token can add, so the room made may run ahead of what the fold uses."""
-    cross_keys = 0
-    cross_pairs = 0
-    for i in range(pending.shape[0]):
-        s, start, end, cross_start = pending[i, 0], pending[i, 1], pending[i, 2], pending[i, 3]
-        if end > start:
-            keys, pairs = _fold_records(start, end, n_min, n_max)
-            if _grows(views, meta, s, keys, pairs, max_entries):
-                return True
-        if cross_slot >= 0 and cross_start >= 0:
-            keys, pairs = _fold_records(cross_start, end, n_min, n_max)
-            cross_keys += keys
-            cross_pairs += pairs
-    return cross_keys > 0 and _grows(views, meta, cross_slot, cross_keys, cross_pairs, cross_max_entries)
-
-
-@njit(cache=True)
 def _reserve(s, keys_needed, pairs_needed, max_entries, keys, pairs, views, meta):
     kt = _room_for(keys[s], meta[s, META_KEYS], keys_needed, max_entries)
     if kt.shape[0] != views[s, VIEW_KEYS + 1]:
@@ -1022,19 +1003,40 @@ def _reserve(s, keys_needed, pairs_needed, max_entries, keys, pairs, views, meta
 
 
 @njit(cache=True)
-def reserve_fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, views, meta):
-    """Grow the tables ``fold_pending(pending, ...)`` will write to, so that it allocates nothing (on the
-    caller's thread, which owns the lists; the fold may then run on another)."""
+def _fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, views, meta):
+    """Walk the tables ``fold_pending(pending, ...)`` will write to, with the most records its tokens can add.
+    With ``None`` for ``keys`` and ``pairs``: whether one of them would have to grow. With the lists that own
+    the tables: grow those that must (and return False)."""
     cross_keys = 0
     cross_pairs = 0
     for i in range(pending.shape[0]):
         s, start, end, cross_start = pending[i, 0], pending[i, 1], pending[i, 2], pending[i, 3]
         if end > start:
             keys_needed, pairs_needed = _fold_records(start, end, n_min, n_max)
-            _reserve(s, keys_needed, pairs_needed, max_entries, keys, pairs, views, meta)
+            if _grows(views, meta, s, keys_needed, pairs_needed, max_entries):
+                if keys is None:
+                    return True
+                _reserve(s, keys_needed, pairs_needed, max_entries, keys, pairs, views, meta)
         if cross_slot >= 0 and cross_start >= 0:
             keys_needed, pairs_needed = _fold_records(cross_start, end, n_min, n_max)
             cross_keys += keys_needed
             cross_pairs += pairs_needed
-    if cross_keys > 0:
+    if cross_keys > 0 and _grows(views, meta, cross_slot, cross_keys, cross_pairs, cross_max_entries):
+        if keys is None:
+            return True
         _reserve(cross_slot, cross_keys, cross_pairs, cross_max_entries, keys, pairs, views, meta)
+    return False
+
+
+@njit(cache=True)
+def fold_needs_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, views, meta):
+    """Whether ``fold_pending(pending, ...)`` could need a table to grow (then ``reserve_fold_room`` first).
+    Counts the most records each token can add, so the room made may run ahead of what the fold uses."""
+    return _fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, None, None, views, meta)
+
+
+@njit(cache=True)
+def reserve_fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, views, meta):
+    """Grow the tables ``fold_pending(pending, ...)`` will write to, so that it allocates nothing (on the
+    caller's thread, which owns the lists; the fold may then run on another)."""
+    _fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, views, meta)
