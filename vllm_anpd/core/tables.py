@@ -30,8 +30,9 @@ _NO_LENGTH_LIMIT = np.iinfo(np.int64).max // 2
 # warm caches, no change with the caches evicted. At 4 rows and more, folding in the step cost as much as the
 # hand-over or more (4 rows with the caches evicted: ~10 us more), so 3 rows, between the two, go to the thread.
 # Inside a vLLM engine the hand-over costs more (the thread needs the GIL to start the fold, and the main thread
-# waits for it; BENCHMARKS.md section 2, "Inside the engine"; measured when the fold still took typed lists). Those measurements were on vLLM CPU, whose worker
-# is bound to one core, where the proposer now folds in the step at every batch (``fold_thread_can_overlap``).
+# waits for it; BENCHMARKS.md section 2, "Inside the engine"; measured when the fold still took typed lists).
+# Those measurements were on vLLM CPU, whose worker is bound to one core, where the proposer now folds in the
+# step at every batch (``fold_thread_can_overlap``).
 BACKGROUND_FOLD_MIN_ROWS = 3
 
 
@@ -129,8 +130,9 @@ class NgramTables:
     count them without the tables): right away inside ``step``, or with ``fold_in_background`` on a
     background thread that the next call to any method waits for. The two give identical drafts and
     tables; the background one takes the fold off the path between the target model's forward passes (the
-    vLLM proposer uses it where the thread can run beside the step's: ``fold_thread_can_overlap``). Handing a fold to the thread costs a wake-up on the step's path, so a fold of
-    fewer than ``background_fold_min_rows`` rows, which costs less than that, still runs inside ``step``.
+    vLLM proposer uses it where the thread can run beside the step's: ``fold_thread_can_overlap``). Handing
+    a fold to the thread costs a wake-up on the step's path, so a fold of fewer than
+    ``background_fold_min_rows`` rows, which costs less than that, still runs inside ``step``.
     """
 
     def __init__(self, params: AnpdParams, num_slots: int = 16, max_batch: int = 256,
