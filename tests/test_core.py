@@ -358,16 +358,21 @@ def _leave_freed_memory_dirty(nbytes):
 
 
 def test_huge_page_sized_tables_are_aligned_zeroed_and_draft_what_the_oracle_drafts():
-    """From 2 MiB on, a table is a 2 MiB-aligned view of a larger allocation (so that huge pages can back
+    """From 1 MiB on, a table is a 2 MiB-aligned view of a larger allocation (so that huge pages can back
     it): it must still be zeroed, C-contiguous and of the asked shape, and a request whose key table grows
     past 2 MiB must draft exactly what the oracle drafts."""
-    for rows, columns in [(1 << 16, kernels.KEY_COLUMNS), (1 << 17, kernels.PAIR_COLUMNS), (1 << 18, 4), (16, 4)]:
+    for rows, columns in [(1 << 16, kernels.KEY_COLUMNS), (1 << 17, kernels.PAIR_COLUMNS), (1 << 18, 4), (16, 4),
+                          (1 << 15, kernels.KEY_COLUMNS), (1 << 16, kernels.PAIR_COLUMNS), (1 << 14, 4)]:
         _leave_freed_memory_dirty(rows * columns * 8)
         table = kernels.new_records(rows, columns)
         assert table.shape == (rows, columns) and table.dtype == np.int64 and table.flags.c_contiguous
         assert not table.any()
-        if table.nbytes >= kernels.HUGE_PAGE_BYTES:
+        if table.nbytes >= kernels.HUGE_PAGE_MIN_TABLE_BYTES:
             assert table.ctypes.data % kernels.HUGE_PAGE_BYTES == 0
+            # What it holds: whole huge pages (a 1 MiB table has one to itself).
+            assert kernels.held_bytes(table.nbytes) == max(table.nbytes, kernels.HUGE_PAGE_BYTES)
+        else:
+            assert kernels.held_bytes(table.nbytes) == table.nbytes
     params = AnpdParams(num_speculative_tokens=8)
     t = make_tables(params, slots=1, batch=1)
     s = t.acquire()
@@ -402,7 +407,8 @@ def _thp_fallbacks():
 
 def test_huge_page_sized_tables_get_huge_pages_where_the_kernel_offers_them():
     """The advice must reach the kernel (a wrong constant or a call that never happens would pass every other
-    test): a 4 MiB table is backed by huge pages, unless THP is off here or the kernel had none to give."""
+    test): 1 MiB and 4 MiB tables are backed by huge pages, unless THP is off here or the kernel had none to
+    give."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             thp = f.read()
@@ -410,13 +416,17 @@ def test_huge_page_sized_tables_get_huge_pages_where_the_kernel_offers_them():
         pytest.skip("no transparent huge pages on this system (not Linux, or THP not built in)")
     if "[never]" in thp:
         pytest.skip(f"transparent huge pages are off here: {thp.strip()}")
-    fallbacks = _thp_fallbacks()
-    table = kernels.new_records(1 << 17, kernels.KEY_COLUMNS)  # 4 MiB
-    table[::512, 0] = 1  # touch every 16 KiB: faults every huge page in
-    huge_kb = _anon_huge_kb_of_mapping(table.ctypes.data)
-    if huge_kb < 4096 and _thp_fallbacks() > fallbacks:
-        pytest.skip("the kernel ran out of free huge pages (it fell back to small pages)")
-    assert huge_kb >= 4096, (huge_kb, thp.strip())
+    # 1 MiB (which gets a huge page of its own: so ``held_bytes`` counts 2 MiB for it), and 4 MiB.
+    for rows, expected_kb in [(1 << 15, 2048), (1 << 17, 4096)]:
+        fallbacks = _thp_fallbacks()
+        table = kernels.new_records(rows, kernels.KEY_COLUMNS)
+        table[::512, 0] = 1  # touch every 16 KiB: faults every huge page in
+        huge_kb = _anon_huge_kb_of_mapping(table.ctypes.data)
+        if huge_kb < expected_kb and _thp_fallbacks() > fallbacks:
+            pytest.skip("the kernel ran out of free huge pages (it fell back to small pages)")
+        assert huge_kb >= expected_kb, (rows, huge_kb, thp.strip())
+        assert kernels.held_bytes(table.nbytes) == expected_kb * 1024
+        del table  # unmapped before the next one: its huge pages must not count for the next mapping
 
 
 def test_stats_acceptance_feedback():

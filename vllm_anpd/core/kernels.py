@@ -131,14 +131,18 @@ def _prefetch_address(typingctx, address):
     return sig, codegen
 
 
-# Tables of 2 MiB and more are placed on 2 MiB boundaries and advised to use huge pages. The step touches a
+# Tables of 1 MiB and more are placed on 2 MiB boundaries and advised to use huge pages. The step touches a
 # few cache lines in each of many requests' multi-MB tables, so with 4 KiB pages nearly every touch is also a
 # TLB miss (a 256 x 32k batch spans about 300,000 pages). A table allocated by numba (malloc) is rarely
 # aligned, so transparent huge pages (in their default ``madvise`` mode, or even ``always``) seldom cover it.
 # Table capacities are powers of two, so a table of 2 MiB or more is whole huge pages and resident memory
-# does not grow; the padding that aligns it is never touched. Linux only; elsewhere, or with THP ``never``,
-# tables are ordinary pages.
+# does not grow; the padding that aligns it is never touched. A 1 MiB table (a request's key table from ~10k
+# tokens of context) gets a huge page of its own, half of it unused: 1 MiB more per such table, bought for a
+# step ~10 % cheaper at 64 x 16k (BENCHMARKS.md section 2), and counted by ``held_bytes``. Smaller tables stay
+# in ordinary pages (a huge page would be 4x their size or more). Linux only; elsewhere, or with THP
+# ``never``, tables are ordinary pages (the unused half is then never touched, so never resident).
 HUGE_PAGE_BYTES = 1 << 21
+HUGE_PAGE_MIN_TABLE_BYTES = HUGE_PAGE_BYTES // 2
 _MADV_DONTNEED = 4
 _MADV_HUGEPAGE = 14
 _HAS_MADVISE = sys.platform.startswith("linux")
@@ -265,26 +269,35 @@ def table_capacity_for(entries):
     return cap
 
 
+@njit(cache=True, _nrt=False)
+def held_bytes(nbytes):
+    """Memory a table of ``nbytes`` holds: whole huge pages from ``HUGE_PAGE_MIN_TABLE_BYTES`` on (a 1 MiB
+    table has a huge page of its own), else its own size."""
+    if nbytes < HUGE_PAGE_MIN_TABLE_BYTES:
+        return nbytes
+    return -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+
+
 @njit(cache=True)
 def new_records(rows, columns):
-    """A zeroed int64[rows, columns] table; from 2 MiB on, 2 MiB-aligned and advised to use huge pages
-    (see ``HUGE_PAGE_BYTES``). The returned array is a view of a larger allocation that owns it."""
+    """A zeroed int64[rows, columns] table; from ``HUGE_PAGE_MIN_TABLE_BYTES`` on, 2 MiB-aligned and advised
+    to use huge pages (see ``HUGE_PAGE_BYTES``). The returned array is then a view of a larger allocation
+    that owns it."""
     nbytes = rows * columns * 8
-    if nbytes < HUGE_PAGE_BYTES:
+    if nbytes < HUGE_PAGE_MIN_TABLE_BYTES:
         return np.zeros((rows, columns), np.int64)
     row_bytes = columns * 8  # 16 or 32: divides HUGE_PAGE_BYTES, so a row boundary falls on the alignment
-    padded = np.empty((rows + HUGE_PAGE_BYTES // row_bytes, columns), np.int64)
+    whole = held_bytes(nbytes)  # the huge pages the table lies in
+    padded = np.empty(((whole + HUGE_PAGE_BYTES) // row_bytes, columns), np.int64)
     address = padded.ctypes.data
     start = (HUGE_PAGE_BYTES - address % HUGE_PAGE_BYTES) % HUGE_PAGE_BYTES // row_bytes
     table = padded[start:start + rows]
-    whole = nbytes - nbytes % HUGE_PAGE_BYTES
     # Advised, then dropped (MADV_DONTNEED), before anything touches them: pages malloc had already faulted
     # in (reused memory) would stay small, and dropped private memory is faulted in afresh, as huge pages,
     # reading as zeros. So the kernel's clearing of each huge page is the table's zeroing (no second pass).
     _madvise(table.ctypes.data, whole, _MADV_HUGEPAGE)
     if _madvise(table.ctypes.data, whole, _MADV_DONTNEED) != 0:
-        whole = 0
-    table[whole // row_bytes:] = 0
+        table[:] = 0
     return table
 
 

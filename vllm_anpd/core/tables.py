@@ -315,9 +315,11 @@ class NgramTables:
 
     # --- introspection -----------------------------------------------------------------------------
     def bytes_in_use(self) -> int:
-        """Bytes held by all tables and per-slot arrays (live and free slots)."""
+        """Bytes held by all tables and per-slot arrays (live and free slots); a 1 MiB table counts the huge
+        page it has to itself (``kernels.held_bytes``)."""
         self.settle()
-        total = sum(a.nbytes for lst in (self.keys, self.pairs, self.contexts) for a in lst)
+        total = sum(K.held_bytes(a.nbytes) for lst in (self.keys, self.pairs) for a in lst)
+        total += sum(a.nbytes for a in self.contexts)  # plain arrays (not new_records)
         total += sum(a.nbytes for a in (self.meta, self.views, self.calib, self.level_stats, self.last_draft,
                                          self.last_cell, self.cell_stats, self.accepted_total,
                                          self.draft_lengths, self._out_drafts, self._out_lens, self._pending))
@@ -325,7 +327,8 @@ class NgramTables:
 
     def slot_bytes(self, slot: int) -> int:
         self.settle()
-        return int(self.keys[slot].nbytes + self.pairs[slot].nbytes + self.contexts[slot].nbytes)
+        return int(K.held_bytes(self.keys[slot].nbytes) + K.held_bytes(self.pairs[slot].nbytes)
+                   + self.contexts[slot].nbytes)
 
     def stats(self) -> dict:
         """Totals over live and released requests: drafts, tokens, acceptance, per-level figures."""
