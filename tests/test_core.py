@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numba import njit
+from numba.typed import List
 
 from vllm_anpd.core import NgramTables
 from vllm_anpd.core import kernels, oracle
@@ -364,7 +365,7 @@ def test_huge_page_sized_tables_are_aligned_zeroed_and_draft_what_the_oracle_dra
     for rows, columns in [(1 << 16, kernels.KEY_COLUMNS), (1 << 17, kernels.PAIR_COLUMNS), (1 << 18, 4), (16, 4),
                           (1 << 15, kernels.KEY_COLUMNS), (1 << 16, kernels.PAIR_COLUMNS), (1 << 14, 4)]:
         _leave_freed_memory_dirty(rows * columns * 8)
-        table = kernels.new_records(rows, columns)
+        table = kernels.new_records(rows, columns, _no_spare_half())
         assert table.shape == (rows, columns) and table.dtype == np.int64 and table.flags.c_contiguous
         assert not table.any()
         if table.nbytes >= kernels.HUGE_PAGE_MIN_TABLE_BYTES:
@@ -384,6 +385,80 @@ def test_huge_page_sized_tables_are_aligned_zeroed_and_draft_what_the_oracle_dra
         assert drafts[0, :lens[0]].tolist() == oracle.draft(context[:n], params, 8), n
     assert t.keys[s].nbytes >= kernels.HUGE_PAGE_BYTES
     assert t.keys[s].ctypes.data % kernels.HUGE_PAGE_BYTES == 0
+
+
+def _no_spare_half():
+    return List([np.zeros((0, kernels.KEY_COLUMNS), np.int64)])
+
+
+def test_two_1_mib_tables_share_a_huge_page_and_the_second_half_comes_clean():
+    """A 1 MiB table takes half a huge page; the next one (of either kind) takes the other half, zeroed even
+    though the first was filled before; the half is handed out once, and the next table starts a new page."""
+    half = kernels.HUGE_PAGE_BYTES // 2
+    spare = _no_spare_half()
+    _leave_freed_memory_dirty(kernels.HUGE_PAGE_BYTES)
+    first = kernels.new_records(half // 32, kernels.KEY_COLUMNS, spare)
+    assert first.ctypes.data % kernels.HUGE_PAGE_BYTES == 0 and not first.any()
+    assert spare[0].nbytes == half and spare[0].ctypes.data == first.ctypes.data + half
+    first[:] = -1
+    second = kernels.new_records(half // 16, kernels.PAIR_COLUMNS, spare)
+    assert second.shape == (half // 16, kernels.PAIR_COLUMNS) and second.flags.c_contiguous
+    assert second.ctypes.data == first.ctypes.data + half and not second.any()
+    assert spare[0].size == 0
+    second[:] = 7
+    assert (first == -1).all()
+    third = kernels.new_records(half // 32, kernels.KEY_COLUMNS, spare)  # no half waits: a new page
+    assert third.ctypes.data % kernels.HUGE_PAGE_BYTES == 0 and not third.any()
+    assert third.ctypes.data // kernels.HUGE_PAGE_BYTES != first.ctypes.data // kernels.HUGE_PAGE_BYTES
+    assert (second == 7).all()
+
+
+def _table_ranges(t):
+    tables = [t.keys[s] for s in range(t.num_slots)] + [t.pairs[s] for s in range(t.num_slots)]
+    return sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in tables + [t.spare_half_page[0]] if a.nbytes)
+
+
+def test_requests_sharing_huge_pages_draft_what_the_oracle_drafts_and_are_counted_once():
+    """Requests whose 1 MiB key tables share huge pages, over acquire / step / release: every table's memory
+    is its own (no two ranges overlap, the spare half included), every draft is the oracle's, and
+    ``bytes_in_use`` counts a shared page once and a page whose one table is gone in full."""
+    params = AnpdParams(num_speculative_tokens=8, cross_request_entries=0)
+    t = make_tables(params, slots=4, batch=4)
+    base = t.bytes_in_use()
+    empty = t.slot_bytes(0)
+    rng = np.random.default_rng(5)
+    half = kernels.HUGE_PAGE_BYTES // 2
+
+    def step(slots, contexts, lengths):
+        row = np.zeros((len(slots), max(len(c) for c in contexts)), np.int32)
+        for r, c in enumerate(contexts):
+            row[r, :len(c)] = c
+        drafts, lens = t.step(row, np.array(lengths), np.array(slots, np.int32), np.full(len(slots), 8, np.int32))
+        for r, c in enumerate(contexts):
+            assert drafts[r, :lens[r]].tolist() == oracle.draft(c[:lengths[r]], params, 8), (slots[r], lengths[r])
+        ranges = _table_ranges(t)
+        assert all(end <= nxt for (_, end), (nxt, _) in zip(ranges, ranges[1:])), "two tables overlap"
+
+    # Two prompts of ~10k tokens over 50 ids: each key table ends at 1 MiB, the two on one page.
+    a, b = (rng.integers(0, 50, 10_500).tolist() for _ in range(2))
+    sa, sb = t.acquire(), t.acquire()
+    step([sa, sb], [a, b], [10_000, 10_200])
+    assert t.keys[sa].nbytes == t.keys[sb].nbytes == half
+    assert t.keys[sa].ctypes.data // kernels.HUGE_PAGE_BYTES == t.keys[sb].ctypes.data // kernels.HUGE_PAGE_BYTES
+    assert t.bytes_in_use() == base + t.slot_bytes(sa) + t.slot_bytes(sb) - 2 * empty  # one page, once
+    for n in range(1, 40, 3):  # decode steps on both, their folds writing to both halves
+        step([sa, sb], [a, b], [10_000 + n, 10_200 + n])
+    t.release(sa)
+    assert t.bytes_in_use() == base + t.slot_bytes(sb) - empty + half  # b holds the whole page
+    # A third request takes a new page; its half-page mate waits as the spare, counted too.
+    c = rng.integers(0, 50, 10_500).tolist()
+    sc = t.acquire()
+    step([sb, sc], [b, c], [10_300, 10_400])
+    assert t.spare_half_page[0].nbytes == half
+    assert t.bytes_in_use() == base + t.slot_bytes(sb) + t.slot_bytes(sc) - 2 * empty + 2 * half
+    t.release(sb)
+    t.release(sc)
+    assert t.bytes_in_use() == base + 2 * half  # the spare's page: the next 1 MiB table takes half of it
 
 
 def _anon_huge_kb_of_mapping(address):
@@ -419,7 +494,7 @@ def test_huge_page_sized_tables_get_huge_pages_where_the_kernel_offers_them():
     # 1 MiB (which gets a huge page of its own: so ``held_bytes`` counts 2 MiB for it), and 4 MiB.
     for rows, expected_kb in [(1 << 15, 2048), (1 << 17, 4096)]:
         fallbacks = _thp_fallbacks()
-        table = kernels.new_records(rows, kernels.KEY_COLUMNS)
+        table = kernels.new_records(rows, kernels.KEY_COLUMNS, _no_spare_half())
         table[::512, 0] = 1  # touch every 16 KiB: faults every huge page in
         huge_kb = _anon_huge_kb_of_mapping(table.ctypes.data)
         if huge_kb < expected_kb and _thp_fallbacks() > fallbacks:

@@ -137,10 +137,12 @@ def _prefetch_address(typingctx, address):
 # aligned, so transparent huge pages (in their default ``madvise`` mode, or even ``always``) seldom cover it.
 # Table capacities are powers of two, so a table of 2 MiB or more is whole huge pages and resident memory
 # does not grow; the padding that aligns it is never touched. A 1 MiB table (a request's key table from ~10k
-# tokens of context) gets a huge page of its own, half of it unused: 1 MiB more per such table, bought for a
-# step ~10 % cheaper at 64 x 16k (BENCHMARKS.md section 2), and counted by ``held_bytes``. Smaller tables stay
-# in ordinary pages (a huge page would be 4x their size or more). Linux only; elsewhere, or with THP
-# ``never``, tables are ordinary pages (the unused half is then never touched, so never resident).
+# tokens of context) takes half a huge page, and the other half waits, untouched and so still zero, for the
+# next 1 MiB table of any slot (``spare``, see ``new_records``): two tables per page, a step ~17 % cheaper at
+# 64 x 16k (BENCHMARKS.md section 2) for no memory, except that a page whose one table is gone stays held by
+# the other (at most 1 MiB more per such table; ``NgramTables.bytes_in_use`` counts it). Smaller tables stay
+# in ordinary pages (sharing pages among 4 or more tables would hold up to 4x their memory). Linux only;
+# elsewhere, or with THP ``never``, tables are ordinary pages.
 HUGE_PAGE_BYTES = 1 << 21
 HUGE_PAGE_MIN_TABLE_BYTES = HUGE_PAGE_BYTES // 2
 _MADV_DONTNEED = 4
@@ -271,40 +273,57 @@ def table_capacity_for(entries):
 
 @njit(cache=True, _nrt=False)
 def held_bytes(nbytes):
-    """Memory a table of ``nbytes`` holds: whole huge pages from ``HUGE_PAGE_MIN_TABLE_BYTES`` on (a 1 MiB
-    table has a huge page of its own), else its own size."""
+    """The huge pages a table of ``nbytes`` lies in, from ``HUGE_PAGE_MIN_TABLE_BYTES`` on (a 1 MiB table's
+    page may be shared with another), else its own size."""
     if nbytes < HUGE_PAGE_MIN_TABLE_BYTES:
         return nbytes
     return -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
 
 
 @njit(cache=True)
-def new_records(rows, columns):
-    """A zeroed int64[rows, columns] table; from ``HUGE_PAGE_MIN_TABLE_BYTES`` on, 2 MiB-aligned and advised
-    to use huge pages (see ``HUGE_PAGE_BYTES``). The returned array is then a view of a larger allocation
-    that owns it."""
-    nbytes = rows * columns * 8
-    if nbytes < HUGE_PAGE_MIN_TABLE_BYTES:
-        return np.zeros((rows, columns), np.int64)
+def _huge_pages(nbytes, columns):
+    """A zeroed int64[nbytes // (8 x columns), columns] table of whole huge pages (``nbytes``: a multiple of
+    ``HUGE_PAGE_BYTES``), 2 MiB-aligned inside a larger allocation that owns it."""
     row_bytes = columns * 8  # 16 or 32: divides HUGE_PAGE_BYTES, so a row boundary falls on the alignment
-    whole = held_bytes(nbytes)  # the huge pages the table lies in
-    padded = np.empty(((whole + HUGE_PAGE_BYTES) // row_bytes, columns), np.int64)
+    padded = np.empty(((nbytes + HUGE_PAGE_BYTES) // row_bytes, columns), np.int64)
     address = padded.ctypes.data
     start = (HUGE_PAGE_BYTES - address % HUGE_PAGE_BYTES) % HUGE_PAGE_BYTES // row_bytes
-    table = padded[start:start + rows]
+    table = padded[start:start + nbytes // row_bytes]
     # Advised, then dropped (MADV_DONTNEED), before anything touches them: pages malloc had already faulted
     # in (reused memory) would stay small, and dropped private memory is faulted in afresh, as huge pages,
     # reading as zeros. So the kernel's clearing of each huge page is the table's zeroing (no second pass).
-    _madvise(table.ctypes.data, whole, _MADV_HUGEPAGE)
-    if _madvise(table.ctypes.data, whole, _MADV_DONTNEED) != 0:
+    _madvise(table.ctypes.data, nbytes, _MADV_HUGEPAGE)
+    if _madvise(table.ctypes.data, nbytes, _MADV_DONTNEED) != 0:
         table[:] = 0
     return table
 
 
 @njit(cache=True)
-def _regrow(table, new_cap):
-    """``table``'s records rehashed into a new table of ``new_cap`` rows."""
-    new = new_records(new_cap, table.shape[1])
+def new_records(rows, columns, spare):
+    """A zeroed int64[rows, columns] table. From ``HUGE_PAGE_MIN_TABLE_BYTES`` on, a 2 MiB-aligned view of
+    huge pages (see ``HUGE_PAGE_BYTES``). A 1 MiB table is half a page: the waiting half ``spare[0]`` if
+    there is one (handed out once: ``spare[0]`` becomes empty), else the first half of a new page, whose
+    second half becomes ``spare[0]``. ``spare``: a one-element list owned with the tables (every table and
+    the spare half must be allocated on the thread that owns it)."""
+    nbytes = rows * columns * 8
+    if nbytes < HUGE_PAGE_MIN_TABLE_BYTES:
+        return np.zeros((rows, columns), np.int64)
+    if 2 * nbytes != HUGE_PAGE_BYTES:
+        return _huge_pages(held_bytes(nbytes), columns)[:rows]
+    half = spare[0]
+    if half.size:
+        # Never touched since the page was dropped (its page-mate's writes stay in the other half): zero.
+        spare[0] = half[:0]
+        return half.reshape(rows, columns)
+    page = _huge_pages(HUGE_PAGE_BYTES, columns)
+    spare[0] = page[rows:]
+    return page[:rows]
+
+
+@njit(cache=True)
+def _regrow(table, new_cap, spare):
+    """``table``'s records rehashed into a new table of ``new_cap`` rows (``spare``: see ``new_records``)."""
+    new = new_records(new_cap, table.shape[1], spare)
     mask = new_cap - 1
     for i in range(table.shape[0]):
         f = table[i, 0]
@@ -340,13 +359,13 @@ def _grown_capacity(cap, used, extra, max_entries):
 
 
 @njit(cache=True)
-def _room_for(table, used, extra, max_entries):
+def _room_for(table, used, extra, max_entries, spare):
     """``table`` or a grown copy in which ``extra`` more records fit (doubling, so growth is amortised
     O(1) per record), never grown past what ``max_entries`` needs."""
     cap = _grown_capacity(table.shape[0], used, extra, max_entries)
     if cap == table.shape[0]:
         return table
-    return _regrow(table, cap)
+    return _regrow(table, cap, spare)
 
 
 @njit(cache=True, _nrt=False)
@@ -409,7 +428,8 @@ def _count(s, ki, fp, token, keys, pairs, meta, max_entries):
 
 
 @njit(cache=True)
-def _consume(s, row, start, end, n_min, n_max, keys, pairs, views, meta, max_entries, fps, child, sink, lazy):
+def _consume(s, row, start, end, n_min, n_max, keys, pairs, spare, views, meta, max_entries, fps, child, sink,
+             lazy):
     """Fold tokens ``row[start:end]`` (each as a successor of the keys before it) into slot ``s``.
 
     ``lazy`` (a request's own tables, whose ``row`` is the request's whole context): a key seen once is
@@ -422,9 +442,9 @@ def _consume(s, row, start, end, n_min, n_max, keys, pairs, views, meta, max_ent
     identical to storing every key (the oracle tests). Eager (the cross-request table, which keeps no
     context): every level is counted. ``fps`` and ``child`` are scratch arrays of ``n_max`` fingerprints.
 
-    The tables grow as they fill when ``keys`` and ``pairs`` (the lists that own them) are given. With
-    ``None`` for both (the fold, which takes arrays only), nothing is allocated: ``reserve_fold_room`` made
-    the room beforehand.
+    The tables grow as they fill when ``keys``, ``pairs`` (the lists that own them) and ``spare`` (see
+    ``new_records``) are given. With ``None`` for all three (the fold, which takes arrays only), nothing is
+    allocated: ``reserve_fold_room`` made the room beforehand.
     """
     num_levels = n_max - n_min + 1
     touched = np.int64(0)
@@ -438,11 +458,11 @@ def _consume(s, row, start, end, n_min, n_max, keys, pairs, views, meta, max_ent
         # Room for this position's records before touching them (the table object may change).
         if keys is not None:
             if meta[s, META_KEYS] + num_levels + 1 > _entry_limit(kt.shape[0], 0):
-                kt = _room_for(kt, meta[s, META_KEYS], num_levels + 1, max_entries)
+                kt = _room_for(kt, meta[s, META_KEYS], num_levels + 1, max_entries, spare)
                 keys[s] = kt
                 _set_view(views, s, VIEW_KEYS, kt)
             if meta[s, META_PAIRS] + 2 * num_levels > _entry_limit(pt.shape[0], 0):
-                pt = _room_for(pt, meta[s, META_PAIRS], 2 * num_levels, max_entries)
+                pt = _room_for(pt, meta[s, META_PAIRS], 2 * num_levels, max_entries, spare)
                 pairs[s] = pt
                 _set_view(views, s, VIEW_PAIRS, pt)
         key_fingerprints(row, pos, longest, fps)
@@ -783,8 +803,9 @@ def _add_pending(pending, i, s, start, end, cross_start):
 
 
 @njit(cache=True)
-def prepare_rows(token_ids, num_tokens, slots, n_min, n_max, max_entries, cross_slot, keys, pairs, contexts, views,
-                 meta, calib, level_stats, cell_stats, accepted_total, last_draft, last_cell, pending, num_pending):
+def prepare_rows(token_ids, num_tokens, slots, n_min, n_max, max_entries, cross_slot, keys, pairs, spare, contexts,
+                 views, meta, calib, level_stats, cell_stats, accepted_total, last_draft, last_cell, pending,
+                 num_pending):
     """The part of a step that may allocate, for the rows that need it; ``step_batch`` does the rest.
 
     A row whose context is shorter than what its slot has seen (a different request in the slot, or
@@ -812,8 +833,8 @@ def prepare_rows(token_ids, num_tokens, slots, n_min, n_max, max_entries, cross_
             continue
         context, seen = _take_new_tokens(s, row, n, views, meta, last_draft, last_cell, calib, level_stats,
                                          cell_stats, accepted_total)
-        _consume(s, context, meta[s, META_CONSUMED], n, n_min, n_max, keys, pairs, views, meta, max_entries, fps,
-                 child, sink, True)
+        _consume(s, context, meta[s, META_CONSUMED], n, n_min, n_max, keys, pairs, spare, views, meta, max_entries,
+                 fps, child, sink, True)
         if g >= 0 and 0 < seen < n:  # generated tokens, not a prompt
             _add_pending(pending, num_pending, s, n, n, seen)
             num_pending += 1
@@ -960,12 +981,12 @@ def fold_pending(pending, n_min, n_max, max_entries, cross_slot, cross_max_entri
         s, start, end, cross_start = pending[i, 0], pending[i, 1], pending[i, 2], pending[i, 3]
         context = _context(views, s)
         if end > start:
-            _consume(s, context, start, end, n_min, n_max, None, None, views, meta, max_entries, fps, child, sink,
+            _consume(s, context, start, end, n_min, n_max, None, None, None, views, meta, max_entries, fps, child, sink,
                      True)
         if g >= 0 and cross_start >= 0:
             if meta[g, META_KEYS] + (end - cross_start) * (n_max - n_min + 1) > cross_max_entries:
                 _clear_tables(g, views, meta)
-            _consume(g, context, cross_start, end, n_min, n_max, None, None, views, meta, cross_max_entries, fps,
+            _consume(g, context, cross_start, end, n_min, n_max, None, None, None, views, meta, cross_max_entries, fps,
                      child, sink, False)
     return sink[0]
 
@@ -1004,22 +1025,22 @@ def _grows(views, meta, s, keys, pairs, max_entries):
 
 
 @njit(cache=True)
-def _reserve(s, keys_needed, pairs_needed, max_entries, keys, pairs, views, meta):
-    kt = _room_for(keys[s], meta[s, META_KEYS], keys_needed, max_entries)
+def _reserve(s, keys_needed, pairs_needed, max_entries, keys, pairs, spare, views, meta):
+    kt = _room_for(keys[s], meta[s, META_KEYS], keys_needed, max_entries, spare)
     if kt.shape[0] != views[s, VIEW_KEYS + 1]:
         keys[s] = kt
         _set_view(views, s, VIEW_KEYS, kt)
-    pt = _room_for(pairs[s], meta[s, META_PAIRS], pairs_needed, max_entries)
+    pt = _room_for(pairs[s], meta[s, META_PAIRS], pairs_needed, max_entries, spare)
     if pt.shape[0] != views[s, VIEW_PAIRS + 1]:
         pairs[s] = pt
         _set_view(views, s, VIEW_PAIRS, pt)
 
 
 @njit(cache=True)
-def _fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, views, meta):
+def _fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, spare, views, meta):
     """Walk the tables ``fold_pending(pending, ...)`` will write to, with the most records its tokens can add.
-    With ``None`` for ``keys`` and ``pairs``: whether one of them would have to grow. With the lists that own
-    the tables: grow those that must (and return False)."""
+    With ``None`` for ``keys``, ``pairs`` and ``spare``: whether one of them would have to grow. With the lists
+    that own the tables (and ``spare``, see ``new_records``): grow those that must (and return False)."""
     cross_keys = 0
     cross_pairs = 0
     for i in range(pending.shape[0]):
@@ -1029,7 +1050,7 @@ def _fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries
             if _grows(views, meta, s, keys_needed, pairs_needed, max_entries):
                 if keys is None:
                     return True
-                _reserve(s, keys_needed, pairs_needed, max_entries, keys, pairs, views, meta)
+                _reserve(s, keys_needed, pairs_needed, max_entries, keys, pairs, spare, views, meta)
         if cross_slot >= 0 and cross_start >= 0:
             keys_needed, pairs_needed = _fold_records(cross_start, end, n_min, n_max)
             cross_keys += keys_needed
@@ -1037,7 +1058,7 @@ def _fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries
     if cross_keys > 0 and _grows(views, meta, cross_slot, cross_keys, cross_pairs, cross_max_entries):
         if keys is None:
             return True
-        _reserve(cross_slot, cross_keys, cross_pairs, cross_max_entries, keys, pairs, views, meta)
+        _reserve(cross_slot, cross_keys, cross_pairs, cross_max_entries, keys, pairs, spare, views, meta)
     return False
 
 
@@ -1045,11 +1066,13 @@ def _fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries
 def fold_needs_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, views, meta):
     """Whether ``fold_pending(pending, ...)`` could need a table to grow (then ``reserve_fold_room`` first).
     Counts the most records each token can add, so the room made may run ahead of what the fold uses."""
-    return _fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, None, None, views, meta)
+    return _fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, None, None, None, views,
+                      meta)
 
 
 @njit(cache=True)
-def reserve_fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, views, meta):
+def reserve_fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, spare, views,
+                      meta):
     """Grow the tables ``fold_pending(pending, ...)`` will write to, so that it allocates nothing (on the
     caller's thread, which owns the lists; the fold may then run on another)."""
-    _fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, views, meta)
+    _fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, spare, views, meta)

@@ -51,6 +51,13 @@ def fold_thread_can_overlap() -> bool:
         return True
 
 
+def _allocation_of(table: np.ndarray) -> int:
+    """Which allocation a table is a view of: the address numba's memory record for it holds (the same for
+    every view of one allocation, as two tables sharing a huge page are); else the table's own address."""
+    base = table.base
+    return getattr(base, "data", None) or table.ctypes.data
+
+
 def _empty_key_table():
     return np.zeros((_INITIAL_CAPACITY, K.KEY_COLUMNS), np.int64)
 
@@ -150,6 +157,8 @@ class NgramTables:
         self.keys = List()  # per slot: int64[cap, 4] key records (see kernels.py)
         self.pairs = List()  # per slot: int64[cap, 2] (key, successor) records
         self.contexts = List()  # per slot: int32[cap], the request's tokens (the tables refer to positions)
+        # Half of a huge page that waits for the next 1 MiB table, or an empty array (see kernels.new_records).
+        self.spare_half_page = List([np.zeros((0, K.KEY_COLUMNS), np.int64)])
         self.views = np.zeros((0, K.VIEW_COLUMNS), np.int64)  # per slot: where its three arrays are
         self.meta = np.zeros((0, K.META_COLUMNS), np.int64)
         self.calib = np.zeros((0, 2), np.float64)
@@ -195,7 +204,7 @@ class NgramTables:
         p = self.params
         args = (pending, p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot, p.cross_request_entries)
         if needs_room:  # on this thread, which owns the lists: the fold takes arrays only
-            K.reserve_fold_room(*args, self.keys, self.pairs, self.views, self.meta)
+            K.reserve_fold_room(*args, self.keys, self.pairs, self.spare_half_page, self.views, self.meta)
         args += (self.views, self.meta)
         if background and self._fold_thread is not None:
             self._fold_thread.submit(K.fold_pending, *args)
@@ -291,7 +300,7 @@ class NgramTables:
         if num_pending < 0:
             num_prepared, _ = K.prepare_rows(
                 token_ids, num_tokens, slots, p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot,
-                self.keys, self.pairs, self.contexts, self.views, self.meta, self.calib, self.level_stats,
+                self.keys, self.pairs, self.spare_half_page, self.contexts, self.views, self.meta, self.calib, self.level_stats,
                 self.cell_stats, self.accepted_total, self.last_draft, self.last_cell, self._pending, 0)
             self._acquired_since_step = False
             num_pending, needs_room = K.step_batch(
@@ -315,10 +324,18 @@ class NgramTables:
 
     # --- introspection -----------------------------------------------------------------------------
     def bytes_in_use(self) -> int:
-        """Bytes held by all tables and per-slot arrays (live and free slots); a 1 MiB table counts the huge
-        page it has to itself (``kernels.held_bytes``)."""
+        """Bytes held by all tables and per-slot arrays (live and free slots). Tables in huge pages count
+        their pages, once each: two 1 MiB tables may share a page, and a page whose one table is gone is
+        still held by the other (or by the spare half)."""
         self.settle()
-        total = sum(K.held_bytes(a.nbytes) for lst in (self.keys, self.pairs) for a in lst)
+        total = 0
+        pages = {}
+        for table in (*self.keys, *self.pairs, self.spare_half_page[0]):
+            if table.nbytes < K.HUGE_PAGE_MIN_TABLE_BYTES:
+                total += table.nbytes
+            else:
+                pages[_allocation_of(table)] = K.held_bytes(table.nbytes)
+        total += sum(pages.values())
         total += sum(a.nbytes for a in self.contexts)  # plain arrays (not new_records)
         total += sum(a.nbytes for a in (self.meta, self.views, self.calib, self.level_stats, self.last_draft,
                                          self.last_cell, self.cell_stats, self.accepted_total,
@@ -326,9 +343,10 @@ class NgramTables:
         return int(total)
 
     def slot_bytes(self, slot: int) -> int:
+        """The bytes of ``slot``'s own arrays (a huge page it shares, or holds alone, counts in
+        ``bytes_in_use``)."""
         self.settle()
-        return int(K.held_bytes(self.keys[slot].nbytes) + K.held_bytes(self.pairs[slot].nbytes)
-                   + self.contexts[slot].nbytes)
+        return int(self.keys[slot].nbytes + self.pairs[slot].nbytes + self.contexts[slot].nbytes)
 
     def stats(self) -> dict:
         """Totals over live and released requests: drafts, tokens, acceptance, per-level figures."""
