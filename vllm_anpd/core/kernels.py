@@ -969,7 +969,7 @@ def fold_pending(pending, n_min, n_max, max_entries, cross_slot, cross_max_entri
     ``cross_max_entries``: bounded memory, recent content).
 
     Arrays only, and it allocates nothing: when ``step_batch`` reports that a table must grow first,
-    ``reserve_fold_room`` grows it before (on the caller's thread). So the call is cheap to dispatch, and
+    ``reserve_fold_room`` grows it before (on the same thread). So the call is cheap to dispatch, and
     it releases the GIL: the caller may run it on a background thread, as long as nothing else reads or
     writes the tables until it returns. Returns a checksum, as ``step_batch``.
     """
@@ -1070,9 +1070,10 @@ def fold_needs_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_en
                       meta)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def reserve_fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, spare, views,
                       meta):
-    """Grow the tables ``fold_pending(pending, ...)`` will write to, so that it allocates nothing (on the
-    caller's thread, which owns the lists; the fold may then run on another)."""
+    """Grow the tables ``fold_pending(pending, ...)`` will write to, so that it allocates nothing. Releases the
+    GIL: the background fold thread runs it before the fold when a table must grow (nothing else may use the
+    tables or the lists meanwhile)."""
     _fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, spare, views, meta)

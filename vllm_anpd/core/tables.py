@@ -70,6 +70,14 @@ def _empty_context():
     return np.zeros(_INITIAL_CAPACITY, np.int32)
 
 
+def _grow_then_fold(args: tuple, owners: tuple | None, views: np.ndarray, meta: np.ndarray) -> None:
+    """Grow the tables the fold will fill, if ``step_batch`` said one must grow (``owners``: the lists that own
+    the tables, the spare half page, views and meta), then fold (arrays only)."""
+    if owners is not None:
+        K.reserve_fold_room(*args, *owners)
+    K.fold_pending(*args, views, meta)
+
+
 class _FoldThread:
     """One daemon thread that runs the fold (a GIL-free kernel) after ``step`` has returned.
 
@@ -203,13 +211,12 @@ class NgramTables:
     def _fold(self, pending: np.ndarray, background: bool, needs_room: bool = True) -> None:
         p = self.params
         args = (pending, p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot, p.cross_request_entries)
-        if needs_room:  # on this thread, which owns the lists: the fold takes arrays only
-            K.reserve_fold_room(*args, self.keys, self.pairs, self.spare_half_page, self.views, self.meta)
-        args += (self.views, self.meta)
+        owners = (self.keys, self.pairs, self.spare_half_page, self.views, self.meta) if needs_room else None
         if background and self._fold_thread is not None:
-            self._fold_thread.submit(K.fold_pending, *args)
+            # Growing a table rehashes it (tens of us to ms): on the thread too, off the step's path.
+            self._fold_thread.submit(_grow_then_fold, args, owners, self.views, self.meta)
         else:
-            K.fold_pending(*args)
+            _grow_then_fold(args, owners, self.views, self.meta)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @property
