@@ -18,6 +18,7 @@ from numba.typed import List
 
 from vllm_anpd.core import NgramTables
 from vllm_anpd.core import kernels, oracle
+from vllm_anpd.core.tables import _allocation_of
 from vllm_anpd.core.config import PAPER
 from vllm_anpd.core.config import AnpdParams as _AnpdParams
 
@@ -404,7 +405,8 @@ def test_two_1_mib_tables_share_a_huge_page_and_the_second_half_comes_clean():
     second = kernels.new_records(half // 16, kernels.PAIR_COLUMNS, spare)
     assert second.shape == (half // 16, kernels.PAIR_COLUMNS) and second.flags.c_contiguous
     assert second.ctypes.data == first.ctypes.data + half and not second.any()
-    assert spare[0].size == 0
+    # Handed out once, and what is left holds no reference to the page (it must be freed with its tables).
+    assert spare[0].size == 0 and _allocation_of(spare[0]) != _allocation_of(first)
     second[:] = 7
     assert (first == -1).all()
     third = kernels.new_records(half // 32, kernels.KEY_COLUMNS, spare)  # no half waits: a new page
@@ -421,7 +423,8 @@ def _table_ranges(t):
 def test_requests_sharing_huge_pages_draft_what_the_oracle_drafts_and_are_counted_once():
     """Requests whose 1 MiB key tables share huge pages, over acquire / step / release: every table's memory
     is its own (no two ranges overlap, the spare half included), every draft is the oracle's, and
-    ``bytes_in_use`` counts a shared page once and a page whose one table is gone in full."""
+    ``bytes_in_use`` counts a shared page once, a page whose one table is gone in full, and a page no table
+    uses not at all (freed)."""
     params = AnpdParams(num_speculative_tokens=8, cross_request_entries=0)
     t = make_tables(params, slots=4, batch=4)
     base = t.bytes_in_use()
@@ -456,9 +459,18 @@ def test_requests_sharing_huge_pages_draft_what_the_oracle_drafts_and_are_counte
     step([sb, sc], [b, c], [10_300, 10_400])
     assert t.spare_half_page[0].nbytes == half
     assert t.bytes_in_use() == base + t.slot_bytes(sb) + t.slot_bytes(sc) - 2 * empty + 2 * half
-    t.release(sb)
-    t.release(sc)
-    assert t.bytes_in_use() == base + 2 * half  # the spare's page: the next 1 MiB table takes half of it
+    t.release(sb)  # the page of a's and b's tables is gone
+    assert t.bytes_in_use() == base + t.slot_bytes(sc) - empty + half  # c's page: c and the spare
+    t.release(sc)  # and the spare beside c's table with it: nothing waits for a page no table uses
+    assert t.spare_half_page[0].size == 0 and t.bytes_in_use() == base
+    # A request whose 1 MiB key table grows to 2 MiB while its page-mate waits as the spare: the spare goes
+    # with it, instead of pinning the page for the next 1 MiB table.
+    d = rng.integers(0, 50, 30_000).tolist()
+    sd = t.acquire()
+    step([sd], [d], [30_000])
+    assert t.keys[sd].nbytes == 2 * half
+    waiting = t.spare_half_page[0].nbytes  # a 1 MiB pair table's page-mate, if it has one
+    assert t.bytes_in_use() == base + t.slot_bytes(sd) - empty + waiting
 
 
 def _anon_huge_kb_of_mapping(address):

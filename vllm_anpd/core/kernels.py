@@ -303,8 +303,8 @@ def new_records(rows, columns, spare):
     """A zeroed int64[rows, columns] table. From ``HUGE_PAGE_MIN_TABLE_BYTES`` on, a 2 MiB-aligned view of
     huge pages (see ``HUGE_PAGE_BYTES``). A 1 MiB table is half a page: the waiting half ``spare[0]`` if
     there is one (handed out once: ``spare[0]`` becomes empty), else the first half of a new page, whose
-    second half becomes ``spare[0]``. ``spare``: a one-element list owned with the tables (every table and
-    the spare half must be allocated on the thread that owns it)."""
+    second half becomes ``spare[0]``. ``spare``: a one-element list owned with the tables (one thread at a
+    time: nothing else may use them while a table grows)."""
     nbytes = rows * columns * 8
     if nbytes < HUGE_PAGE_MIN_TABLE_BYTES:
         return np.zeros((rows, columns), np.int64)
@@ -313,7 +313,7 @@ def new_records(rows, columns, spare):
     half = spare[0]
     if half.size:
         # Never touched since the page was dropped (its page-mate's writes stay in the other half): zero.
-        spare[0] = half[:0]
+        spare[0] = np.empty((0, columns), np.int64)  # not half[:0], which would keep the page alive
         return half.reshape(rows, columns)
     page = _huge_pages(HUGE_PAGE_BYTES, columns)
     spare[0] = page[rows:]
@@ -321,9 +321,21 @@ def new_records(rows, columns, spare):
 
 
 @njit(cache=True)
+def forget_spare_beside(table, spare):
+    """``table`` is being dropped: if the half page waiting in ``spare`` is its page-mate, forget it too, so
+    that the page is freed instead of waiting, half dead, for a table that would hold it all (as a
+    request's own 1 MiB key table, outgrown, would pin the page of its next 1 MiB pair table)."""
+    half = spare[0]
+    if (half.size and 2 * table.nbytes == HUGE_PAGE_BYTES
+            and half.ctypes.data // HUGE_PAGE_BYTES == table.ctypes.data // HUGE_PAGE_BYTES):
+        spare[0] = np.empty((0, half.shape[1]), np.int64)
+
+
+@njit(cache=True)
 def _regrow(table, new_cap, spare):
     """``table``'s records rehashed into a new table of ``new_cap`` rows (``spare``: see ``new_records``)."""
     new = new_records(new_cap, table.shape[1], spare)
+    forget_spare_beside(table, spare)
     mask = new_cap - 1
     for i in range(table.shape[0]):
         f = table[i, 0]

@@ -243,6 +243,8 @@ class NgramTables:
         self.settle()
         self.released_meta += self.meta[slot]
         self.released_level_stats += self.level_stats[slot]
+        K.forget_spare_beside(self.keys[slot], self.spare_half_page)
+        K.forget_spare_beside(self.pairs[slot], self.spare_half_page)
         self.keys[slot] = _empty_key_table()
         self.pairs[slot] = _empty_pair_table()
         self.contexts[slot] = _empty_context()
