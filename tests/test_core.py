@@ -389,12 +389,13 @@ def test_huge_page_sized_tables_are_aligned_zeroed_and_draft_what_the_oracle_dra
 
 
 def _no_spare_half():
-    return List([np.zeros((0, kernels.KEY_COLUMNS), np.int64)])
+    return List([np.zeros((0, kernels.KEY_COLUMNS), np.int64), np.zeros((0, kernels.PAIR_COLUMNS), np.int64)])
 
 
 def test_two_1_mib_tables_share_a_huge_page_and_the_second_half_comes_clean():
-    """A 1 MiB table takes half a huge page; the next one (of either kind) takes the other half, zeroed even
-    though the first was filled before; the half is handed out once, and the next table starts a new page."""
+    """A 1 MiB table takes half a huge page; the next one of the same kind takes the other half, zeroed even
+    though the first was filled before; the half is handed out once, and the next table starts a new page.
+    A table of the other kind never takes it."""
     half = kernels.HUGE_PAGE_BYTES // 2
     spare = _no_spare_half()
     _leave_freed_memory_dirty(kernels.HUGE_PAGE_BYTES)
@@ -402,8 +403,11 @@ def test_two_1_mib_tables_share_a_huge_page_and_the_second_half_comes_clean():
     assert first.ctypes.data % kernels.HUGE_PAGE_BYTES == 0 and not first.any()
     assert spare[0].nbytes == half and spare[0].ctypes.data == first.ctypes.data + half
     first[:] = -1
-    second = kernels.new_records(half // 16, kernels.PAIR_COLUMNS, spare)
-    assert second.shape == (half // 16, kernels.PAIR_COLUMNS) and second.flags.c_contiguous
+    pair_table = kernels.new_records(half // 16, kernels.PAIR_COLUMNS, spare)  # its own page; its half waits
+    assert pair_table.ctypes.data % kernels.HUGE_PAGE_BYTES == 0
+    assert spare[1].ctypes.data == pair_table.ctypes.data + half and spare[0].nbytes == half
+    second = kernels.new_records(half // 32, kernels.KEY_COLUMNS, spare)
+    assert second.shape == (half // 32, kernels.KEY_COLUMNS) and second.flags.c_contiguous
     assert second.ctypes.data == first.ctypes.data + half and not second.any()
     # Handed out once, and what is left holds no reference to the page (it must be freed with its tables).
     assert spare[0].size == 0 and _allocation_of(spare[0]) != _allocation_of(first)
@@ -417,7 +421,7 @@ def test_two_1_mib_tables_share_a_huge_page_and_the_second_half_comes_clean():
 
 def _table_ranges(t):
     tables = [t.keys[s] for s in range(t.num_slots)] + [t.pairs[s] for s in range(t.num_slots)]
-    return sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in tables + [t.spare_half_page[0]] if a.nbytes)
+    return sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in tables + list(t.spare_half_pages) if a.nbytes)
 
 
 def test_requests_sharing_huge_pages_draft_what_the_oracle_drafts_and_are_counted_once():
@@ -457,19 +461,20 @@ def test_requests_sharing_huge_pages_draft_what_the_oracle_drafts_and_are_counte
     c = rng.integers(0, 50, 10_500).tolist()
     sc = t.acquire()
     step([sb, sc], [b, c], [10_300, 10_400])
-    assert t.spare_half_page[0].nbytes == half
+    assert t.spare_half_pages[0].nbytes == half
     assert t.bytes_in_use() == base + t.slot_bytes(sb) + t.slot_bytes(sc) - 2 * empty + 2 * half
     t.release(sb)  # the page of a's and b's tables is gone
     assert t.bytes_in_use() == base + t.slot_bytes(sc) - empty + half  # c's page: c and the spare
     t.release(sc)  # and the spare beside c's table with it: nothing waits for a page no table uses
-    assert t.spare_half_page[0].size == 0 and t.bytes_in_use() == base
+    assert t.spare_half_pages[0].size == 0 and t.bytes_in_use() == base
     # A request whose 1 MiB key table grows to 2 MiB while its page-mate waits as the spare: the spare goes
     # with it, instead of pinning the page for the next 1 MiB table.
     d = rng.integers(0, 50, 30_000).tolist()
     sd = t.acquire()
     step([sd], [d], [30_000])
     assert t.keys[sd].nbytes == 2 * half
-    waiting = t.spare_half_page[0].nbytes  # a 1 MiB pair table's page-mate, if it has one
+    assert t.spare_half_pages[0].size == 0
+    waiting = t.spare_half_pages[1].nbytes  # a 1 MiB pair table's page-mate, if it has one
     assert t.bytes_in_use() == base + t.slot_bytes(sd) - empty + waiting
 
 

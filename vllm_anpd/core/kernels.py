@@ -138,11 +138,13 @@ def _prefetch_address(typingctx, address):
 # Table capacities are powers of two, so a table of 2 MiB or more is whole huge pages and resident memory
 # does not grow; the padding that aligns it is never touched. A 1 MiB table (a request's key table from ~10k
 # tokens of context) takes half a huge page, and the other half waits, untouched and so still zero, for the
-# next 1 MiB table of any slot (``spare``, see ``new_records``): two tables per page, a step ~17 % cheaper at
-# 64 x 16k (BENCHMARKS.md section 2) for no memory, except that a page whose one table is gone stays held by
-# the other (at most 1 MiB more per such table; ``NgramTables.bytes_in_use`` counts it). Smaller tables stay
-# in ordinary pages (sharing pages among 4 or more tables would hold up to 4x their memory). Linux only;
-# elsewhere, or with THP ``never``, tables are ordinary pages.
+# next 1 MiB table of the same kind, of any slot (``spare``, see ``new_records``): two tables per page, a
+# step ~11 % cheaper at 64 x 16k (BENCHMARKS.md section 2) for no memory, except that a page whose one table
+# is gone stays held by the other (at most 1 MiB more per such table; ``NgramTables.bytes_in_use`` counts
+# it). Same kind, because kinds live differently: reading a prompt of 32k tokens takes its key table through
+# 1 MiB to 2 MiB, while its pair table ends at 1 MiB and keeps it; paired, the dead key half would stay held.
+# Smaller tables stay in ordinary pages (sharing a page among 4 or more would hold up to 4x their memory).
+# Linux only; elsewhere, or with THP ``never``, tables are ordinary pages.
 HUGE_PAGE_BYTES = 1 << 21
 HUGE_PAGE_MIN_TABLE_BYTES = HUGE_PAGE_BYTES // 2
 _MADV_DONTNEED = 4
@@ -301,23 +303,33 @@ def _huge_pages(nbytes, columns):
 @njit(cache=True)
 def new_records(rows, columns, spare):
     """A zeroed int64[rows, columns] table. From ``HUGE_PAGE_MIN_TABLE_BYTES`` on, a 2 MiB-aligned view of
-    huge pages (see ``HUGE_PAGE_BYTES``). A 1 MiB table is half a page: the waiting half ``spare[0]`` if
-    there is one (handed out once: ``spare[0]`` becomes empty), else the first half of a new page, whose
-    second half becomes ``spare[0]``. ``spare``: a one-element list owned with the tables (one thread at a
-    time: nothing else may use them while a table grows)."""
+    huge pages (see ``HUGE_PAGE_BYTES``). A 1 MiB table is half a page: the waiting half of its width if
+    there is one (handed out once: it is replaced by an empty array), else the first half of a new page,
+    whose second half then waits. ``spare``: a list owned with the tables, one entry per table width (a
+    waiting half, or an empty array of that width); one thread at a time (nothing else may use the tables
+    while one grows). A width without an entry gets a whole page per 1 MiB table."""
     nbytes = rows * columns * 8
     if nbytes < HUGE_PAGE_MIN_TABLE_BYTES:
         return np.zeros((rows, columns), np.int64)
-    if 2 * nbytes != HUGE_PAGE_BYTES:
+    w = _spare_of_width(spare, columns)
+    if 2 * nbytes != HUGE_PAGE_BYTES or w < 0:
         return _huge_pages(held_bytes(nbytes), columns)[:rows]
-    half = spare[0]
+    half = spare[w]
     if half.size:
         # Never touched since the page was dropped (its page-mate's writes stay in the other half): zero.
-        spare[0] = np.empty((0, columns), np.int64)  # not half[:0], which would keep the page alive
-        return half.reshape(rows, columns)
+        spare[w] = np.empty((0, columns), np.int64)  # not half[:0], which would keep the page alive
+        return half
     page = _huge_pages(HUGE_PAGE_BYTES, columns)
-    spare[0] = page[rows:]
+    spare[w] = page[rows:]
     return page[:rows]
+
+
+@njit(cache=True)
+def _spare_of_width(spare, columns):
+    for w in range(len(spare)):
+        if spare[w].shape[1] == columns:
+            return w
+    return -1
 
 
 @njit(cache=True)
@@ -325,10 +337,12 @@ def forget_spare_beside(table, spare):
     """``table`` is being dropped: if the half page waiting in ``spare`` is its page-mate, forget it too, so
     that the page is freed instead of waiting, half dead, for a table that would hold it all (as a
     request's own 1 MiB key table, outgrown, would pin the page of its next 1 MiB pair table)."""
-    half = spare[0]
-    if (half.size and 2 * table.nbytes == HUGE_PAGE_BYTES
-            and half.ctypes.data // HUGE_PAGE_BYTES == table.ctypes.data // HUGE_PAGE_BYTES):
-        spare[0] = np.empty((0, half.shape[1]), np.int64)
+    w = _spare_of_width(spare, table.shape[1])
+    if w < 0 or 2 * table.nbytes != HUGE_PAGE_BYTES:
+        return
+    half = spare[w]
+    if half.size and half.ctypes.data // HUGE_PAGE_BYTES == table.ctypes.data // HUGE_PAGE_BYTES:
+        spare[w] = np.empty((0, table.shape[1]), np.int64)
 
 
 @njit(cache=True)

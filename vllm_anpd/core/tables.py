@@ -165,8 +165,10 @@ class NgramTables:
         self.keys = List()  # per slot: int64[cap, 4] key records (see kernels.py)
         self.pairs = List()  # per slot: int64[cap, 2] (key, successor) records
         self.contexts = List()  # per slot: int32[cap], the request's tokens (the tables refer to positions)
-        # Half of a huge page that waits for the next 1 MiB table, or an empty array (see kernels.new_records).
-        self.spare_half_page = List([np.zeros((0, K.KEY_COLUMNS), np.int64)])
+        # Per table width (key tables, pair tables): half of a huge page that waits for the next 1 MiB table
+        # of that kind, or an empty array (see kernels.new_records).
+        self.spare_half_pages = List([np.zeros((0, K.KEY_COLUMNS), np.int64),
+                                      np.zeros((0, K.PAIR_COLUMNS), np.int64)])
         self.views = np.zeros((0, K.VIEW_COLUMNS), np.int64)  # per slot: where its three arrays are
         self.meta = np.zeros((0, K.META_COLUMNS), np.int64)
         self.calib = np.zeros((0, 2), np.float64)
@@ -211,7 +213,7 @@ class NgramTables:
     def _fold(self, pending: np.ndarray, background: bool, needs_room: bool = True) -> None:
         p = self.params
         args = (pending, p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot, p.cross_request_entries)
-        owners = (self.keys, self.pairs, self.spare_half_page, self.views, self.meta) if needs_room else None
+        owners = (self.keys, self.pairs, self.spare_half_pages, self.views, self.meta) if needs_room else None
         if background and self._fold_thread is not None:
             # Growing a table rehashes it (tens of us to ms): on the thread too, off the step's path.
             self._fold_thread.submit(_grow_then_fold, args, owners, self.views, self.meta)
@@ -243,8 +245,8 @@ class NgramTables:
         self.settle()
         self.released_meta += self.meta[slot]
         self.released_level_stats += self.level_stats[slot]
-        K.forget_spare_beside(self.keys[slot], self.spare_half_page)
-        K.forget_spare_beside(self.pairs[slot], self.spare_half_page)
+        K.forget_spare_beside(self.keys[slot], self.spare_half_pages)
+        K.forget_spare_beside(self.pairs[slot], self.spare_half_pages)
         self.keys[slot] = _empty_key_table()
         self.pairs[slot] = _empty_pair_table()
         self.contexts[slot] = _empty_context()
@@ -309,8 +311,9 @@ class NgramTables:
         if num_pending < 0:
             num_prepared, _ = K.prepare_rows(
                 token_ids, num_tokens, slots, p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot,
-                self.keys, self.pairs, self.spare_half_page, self.contexts, self.views, self.meta, self.calib, self.level_stats,
-                self.cell_stats, self.accepted_total, self.last_draft, self.last_cell, self._pending, 0)
+                self.keys, self.pairs, self.spare_half_pages, self.contexts, self.views, self.meta, self.calib,
+                self.level_stats, self.cell_stats, self.accepted_total, self.last_draft, self.last_cell, self._pending,
+                0)
             self._acquired_since_step = False
             num_pending, needs_room = K.step_batch(
                 token_ids, num_tokens, slots, max_draft, max_len, p.n_min, p.n_max, self._min_count, self._min_share,
@@ -339,7 +342,7 @@ class NgramTables:
         self.settle()
         total = 0
         pages = {}
-        for table in (*self.keys, *self.pairs, self.spare_half_page[0]):
+        for table in (*self.keys, *self.pairs, *self.spare_half_pages):
             if table.nbytes < K.HUGE_PAGE_MIN_TABLE_BYTES:
                 total += table.nbytes
             else:
