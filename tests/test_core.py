@@ -478,18 +478,24 @@ def test_requests_sharing_huge_pages_draft_what_the_oracle_drafts_and_are_counte
     assert t.bytes_in_use() == base + t.slot_bytes(sd) - empty + waiting
 
 
-def _anon_huge_kb_of_mapping(address):
-    """AnonHugePages (kB) of the mapping of this process that holds ``address`` (from /proc/self/smaps)."""
-    inside = False
+def _mapping_of(address):
+    """AnonHugePages (kB) and VmFlags of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside, huge_kb, flags = False, None, None
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split()[0]
             if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms ..."
+                if inside:
+                    break
                 start, end = (int(x, 16) for x in head.split("-"))
                 inside = start <= address < end
             elif inside and head == "AnonHugePages:":
-                return int(line.split()[1])
-    raise AssertionError(f"no mapping holds address {address:#x}")
+                huge_kb = int(line.split()[1])
+            elif inside and head == "VmFlags:":
+                flags = line.split()[1:]
+    if huge_kb is None:
+        raise AssertionError(f"no mapping holds address {address:#x}")
+    return huge_kb, flags or []
 
 
 def _thp_fallbacks():
@@ -499,8 +505,8 @@ def _thp_fallbacks():
 
 def test_huge_page_sized_tables_get_huge_pages_where_the_kernel_offers_them():
     """The advice must reach the kernel (a wrong constant or a call that never happens would pass every other
-    test): 1 MiB and 4 MiB tables are backed by huge pages, unless THP is off here or the kernel had none to
-    give."""
+    test): the mapping of a 1 MiB and of a 4 MiB table is advised for huge pages (``hg`` in its VmFlags), and
+    backed by them, unless THP is off here or the kernel gave none."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             thp = f.read()
@@ -508,16 +514,21 @@ def test_huge_page_sized_tables_get_huge_pages_where_the_kernel_offers_them():
         pytest.skip("no transparent huge pages on this system (not Linux, or THP not built in)")
     if "[never]" in thp:
         pytest.skip(f"transparent huge pages are off here: {thp.strip()}")
-    # 1 MiB (which gets a huge page of its own: so ``held_bytes`` counts 2 MiB for it), and 4 MiB.
+    # 1 MiB (half of a page, which it holds alone here: ``held_bytes`` counts the page), and 4 MiB.
     for rows, expected_kb in [(1 << 15, 2048), (1 << 17, 4096)]:
         fallbacks = _thp_fallbacks()
         table = kernels.new_records(rows, kernels.KEY_COLUMNS, _no_spare_half())
         table[::512, 0] = 1  # touch every 16 KiB: faults every huge page in
-        huge_kb = _anon_huge_kb_of_mapping(table.ctypes.data)
-        if huge_kb < expected_kb and _thp_fallbacks() > fallbacks:
-            pytest.skip("the kernel ran out of free huge pages (it fell back to small pages)")
-        assert huge_kb >= expected_kb, (rows, huge_kb, thp.strip())
+        huge_kb, flags = _mapping_of(table.ctypes.data)
+        assert "hg" in flags, (rows, flags)  # advised: this is the part the code controls
         assert kernels.held_bytes(table.nbytes) == expected_kb * 1024
+        if huge_kb < expected_kb:
+            # Advised but not backed: the kernel ran out of huge pages (a fallback is counted), or declined
+            # without one (seen once in a full test run, in a process that had run Ray and vLLM engines).
+            with open("/proc/self/status") as f:
+                thp_status = [line.strip() for line in f if line.startswith("THP")]
+            pytest.skip(f"advised, but the kernel backed {huge_kb} of {expected_kb} kB with huge pages "
+                        f"(fallbacks: {_thp_fallbacks() - fallbacks}; {thp.strip()}; {thp_status})")
         del table  # unmapped before the next one: its huge pages must not count for the next mapping
 
 
