@@ -139,7 +139,7 @@ def _prefetch_address(typingctx, address):
 # does not grow; the padding that aligns it is never touched. A 1 MiB table (a request's key table from ~10k
 # tokens of context) takes half a huge page, and the other half waits, untouched and so still zero, for the
 # next 1 MiB table of the same kind, of any slot (``spare``, see ``new_records``): two tables per page, a
-# step ~11 % cheaper at 64 x 16k (BENCHMARKS.md section 2) for no memory, except that a page whose one table
+# step ~10 % cheaper at 64 x 16k (BENCHMARKS.md section 2) for no memory, except that a page whose one table
 # is gone stays held by the other (at most 1 MiB more per such table; ``NgramTables.bytes_in_use`` counts
 # it). Same kind, because kinds live differently: reading a prompt of 32k tokens takes its key table through
 # 1 MiB to 2 MiB, while its pair table ends at 1 MiB and keeps it; paired, the dead key half would stay held.
@@ -326,6 +326,7 @@ def new_records(rows, columns, spare):
 
 @njit(cache=True)
 def _spare_of_width(spare, columns):
+    """The entry of ``spare`` for tables of ``columns`` columns, or -1."""
     for w in range(len(spare)):
         if spare[w].shape[1] == columns:
             return w
