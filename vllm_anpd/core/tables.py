@@ -72,9 +72,9 @@ def _empty_context():
 
 def _grow_then_fold(args: tuple, owners: tuple | None, views: np.ndarray, meta: np.ndarray) -> None:
     """Grow the tables the fold will fill, if ``step_batch`` said one must grow (``owners``: the lists that own
-    the tables, the spare half page, views and meta), then fold (arrays only)."""
+    the tables and the spare half pages), then fold (arrays only)."""
     if owners is not None:
-        K.reserve_fold_room(*args, *owners)
+        K.reserve_fold_room(*args, *owners, views, meta)
     K.fold_pending(*args, views, meta)
 
 
@@ -213,7 +213,7 @@ class NgramTables:
     def _fold(self, pending: np.ndarray, background: bool, needs_room: bool = True) -> None:
         p = self.params
         args = (pending, p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot, p.cross_request_entries)
-        owners = (self.keys, self.pairs, self.spare_half_pages, self.views, self.meta) if needs_room else None
+        owners = (self.keys, self.pairs, self.spare_half_pages) if needs_room else None
         if background and self._fold_thread is not None:
             # Growing a table rehashes it (tens of us to ms): on the thread too, off the step's path.
             self._fold_thread.submit(_grow_then_fold, args, owners, self.views, self.meta)
