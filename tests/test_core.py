@@ -360,9 +360,10 @@ def _leave_freed_memory_dirty(nbytes):
 
 
 def test_huge_page_sized_tables_are_aligned_zeroed_and_draft_what_the_oracle_drafts():
-    """From 1 MiB on, a table is a 2 MiB-aligned view of a larger allocation (so that huge pages can back
-    it): it must still be zeroed, C-contiguous and of the asked shape, and a request whose key table grows
-    past 2 MiB must draft exactly what the oracle drafts."""
+    """From 1 MiB on, a table lies in 2 MiB-aligned huge pages, a view of a larger allocation (a 1 MiB table
+    that starts a page, as each does here, starts on the boundary; the next test takes a second half). It
+    must still be zeroed, C-contiguous and of the asked shape, and a request whose key table grows past 2 MiB
+    must draft exactly what the oracle drafts."""
     for rows, columns in [(1 << 16, kernels.KEY_COLUMNS), (1 << 17, kernels.PAIR_COLUMNS), (1 << 18, 4), (16, 4),
                           (1 << 15, kernels.KEY_COLUMNS), (1 << 16, kernels.PAIR_COLUMNS), (1 << 14, 4)]:
         _leave_freed_memory_dirty(rows * columns * 8)
@@ -371,7 +372,7 @@ def test_huge_page_sized_tables_are_aligned_zeroed_and_draft_what_the_oracle_dra
         assert not table.any()
         if table.nbytes >= kernels.HUGE_PAGE_MIN_TABLE_BYTES:
             assert table.ctypes.data % kernels.HUGE_PAGE_BYTES == 0
-            # What it holds: whole huge pages (a 1 MiB table has one to itself).
+            # What it lies in: whole huge pages (a 1 MiB table, half of one; alone in it here).
             assert kernels.held_bytes(table.nbytes) == max(table.nbytes, kernels.HUGE_PAGE_BYTES)
         else:
             assert kernels.held_bytes(table.nbytes) == table.nbytes
