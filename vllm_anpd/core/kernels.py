@@ -482,16 +482,12 @@ def _consume(s, row, start, end, n_min, n_max, keys, pairs, spare, views, meta, 
         longest = min(n_max - 1, pos)
         if longest < n_min - 1:
             continue
-        # Room for this position's records before touching them (the table object may change).
-        if keys is not None:
-            if meta[s, META_KEYS] + num_levels + 1 > _entry_limit(kt.shape[0], 0):
-                kt = _room_for(kt, meta[s, META_KEYS], num_levels + 1, max_entries, spare)
-                keys[s] = kt
-                _set_view(views, s, VIEW_KEYS, kt)
-            if meta[s, META_PAIRS] + 2 * num_levels > _entry_limit(pt.shape[0], 0):
-                pt = _room_for(pt, meta[s, META_PAIRS], 2 * num_levels, max_entries, spare)
-                pairs[s] = pt
-                _set_view(views, s, VIEW_PAIRS, pt)
+        # Room for this position's records before touching them (the table objects may change).
+        if keys is not None and (meta[s, META_KEYS] + num_levels + 1 > _entry_limit(kt.shape[0], 0)
+                                 or meta[s, META_PAIRS] + 2 * num_levels > _entry_limit(pt.shape[0], 0)):
+            _reserve(s, num_levels + 1, 2 * num_levels, max_entries, keys, pairs, spare, views, meta)
+            kt = _key_table(views, s)
+            pt = _pair_table(views, s)
         key_fingerprints(row, pos, longest, fps)
         # The levels' records are independent: load all of them first so that their cache misses
         # overlap (a long context's tables live in DRAM), then update them one by one.
