@@ -483,8 +483,7 @@ def _consume(s, row, start, end, n_min, n_max, keys, pairs, spare, views, meta, 
         if longest < n_min - 1:
             continue
         # Room for this position's records before touching them (the table objects may change).
-        if keys is not None and (meta[s, META_KEYS] + num_levels + 1 > _entry_limit(kt.shape[0], 0)
-                                 or meta[s, META_PAIRS] + 2 * num_levels > _entry_limit(pt.shape[0], 0)):
+        if keys is not None and _grows(views, meta, s, num_levels + 1, 2 * num_levels, max_entries):
             _reserve(s, num_levels + 1, 2 * num_levels, max_entries, keys, pairs, spare, views, meta)
             kt = _key_table(views, s)
             pt = _pair_table(views, s)
