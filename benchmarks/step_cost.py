@@ -3,6 +3,7 @@
     python benchmarks/step_cost.py [--contexts 1024 4096 16384 32768] [--batches 1 16 64 256] [--steps 50] [--repeats 3]
     python benchmarks/step_cost.py --anpd '{"cross_request_entries": 0}' --out step_cost_no_shared
     python benchmarks/step_cost.py --context-pairs 12 --turn-steps 10 --out step_cost_context_pairs
+    python benchmarks/step_cost.py --contexts 16384 --batches 64 --evict-mb 128 --max-draft 1 --out step_cost_draft1
 
 Each request's context is real text (Spec-Bench prompts and reference outputs tiled, or the Spec-Bench
 prompts alone if the references are not cached). ANPD first folds the context in (not timed, that is prefill); then each
@@ -15,7 +16,9 @@ that drift out of the ratios. ``--turn-steps N`` makes a turn N steps and leaves
 uncounted: each proposer is then measured in its own steady state, not just after the others' work.
 ``--evict-mb`` reads a buffer before each turn (untimed), as the forward pass between two steps evicts every
 cache: each proposer then starts cold, instruction caches and Python's objects included. The figures are
-the median microseconds per step of a run, the lowest over ``--repeats`` runs. Two ANPD figures:
+the median microseconds per step of a run, the lowest over ``--repeats`` runs. ``--max-draft N`` caps ANPD's
+drafts at N tokens per row (0: the tables learn, nothing is drafted), to split a step's cost between its
+update and its drafting. Two ANPD figures:
 
 * ``anpd_us``, what delays the engine: ANPD as the vLLM proposer runs it, drafting first and folding the
   step's tokens into its tables on a background thread while the target model runs (here: after the
@@ -138,12 +141,12 @@ def forward_pass(seconds: float) -> None:
 class AnpdRunner:
     """ANPD on one batch: prefilled at construction (not timed), then one timed step per call."""
 
-    def __init__(self, tokens, context, batch, overrides, background):
+    def __init__(self, tokens, context, batch, overrides, background, max_draft=K):
         self.tables = NgramTables(AnpdParams(num_speculative_tokens=K, **overrides), num_slots=batch,
                                   max_batch=batch, fold_in_background=background)
         warm_cross_request_table(self.tables)
         self.slots = np.array([self.tables.acquire() for _ in range(batch)], np.int32)
-        self.max_draft = np.full(batch, K, np.int32)
+        self.max_draft = np.full(batch, max_draft, np.int32)
         self.tokens = tokens
         self.tables.step(tokens, np.full(batch, context, np.int32), self.slots, self.max_draft)  # prefill
         self.tables.settle()
@@ -184,15 +187,15 @@ class NgramRunner:
         return time.perf_counter() - t0
 
 
-def run_point(tokens, context, batch, steps, overrides, gap, with_ngram, evict, turn_steps=1):
+def run_point(tokens, context, batch, steps, overrides, gap, with_ngram, evict, turn_steps=1, max_draft=K):
     """One run: ANPD (fold in the background), ANPD (fold in the step) and vLLM ngram take turns, in
     rotating order, on the same contexts; returns each one's median microseconds per step and ANPD's state
     bytes per context token. Taking turns keeps this VM's drift (tens of percent within a minute) out of
     their ratios. A turn is ``turn_steps`` consecutive steps; with more than one, a turn's first step (the
     one that follows the other proposers' work, which has displaced this one's state from the caches) is
     not counted, so each proposer is measured in its own steady state, as in an engine that runs one."""
-    runners = {"anpd_us": AnpdRunner(tokens, context, batch, overrides, True),
-               "anpd_total_us": AnpdRunner(tokens, context, batch, overrides, False)}
+    runners = {"anpd_us": AnpdRunner(tokens, context, batch, overrides, True, max_draft),
+               "anpd_total_us": AnpdRunner(tokens, context, batch, overrides, False, max_draft)}
     if with_ngram:
         runners["vllm_ngram_us"] = NgramRunner(tokens, batch)
     names = list(runners)
@@ -231,6 +234,9 @@ def main():
                     help="instead of the grid: per batch size, N alternating ANPD runs at the smallest and the "
                          "largest context, and the median of their cost ratios")
     ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--max-draft", type=int, default=K,
+                    help=f"ANPD drafts at most this many tokens per row (0: its tables learn, nothing is drafted), "
+                         f"to split a step's cost between its update and each drafted token (default {K})")
     ap.add_argument("--anpd", default="{}", help="JSON of AnpdParams overrides, e.g. '{\"cross_request_entries\": 0}'")
     ap.add_argument("--out", default="step_cost", help="results/<out>.{json,md,png}")
     args = ap.parse_args()
@@ -239,6 +245,8 @@ def main():
     if args.turn_steps > 1 and args.steps < 2:
         ap.error(f"--steps {args.steps} with --turn-steps {args.turn_steps}: no step would be counted "
                  "(each turn's first is not); use --steps 2 or more")
+    if not 0 <= args.max_draft <= K:
+        ap.error(f"--max-draft must be in [0, {K}], got {args.max_draft}")
     if args.context_pairs < 0:
         ap.error(f"--context-pairs must be 0 (off) or more, got {args.context_pairs}")
     if args.context_pairs and min(args.contexts) == max(args.contexts):
@@ -254,7 +262,7 @@ def main():
         gap = args.forward_gap_us * 1e-6
         evict = np.ones(args.evict_mb << 17, np.int64) if args.evict_mb else None
         runs = [run_point(tokens, context, batch, args.steps, overrides, gap, not args.skip_vllm, evict,
-                          args.turn_steps)
+                          args.turn_steps, args.max_draft)
                 for _ in range(args.repeats)]
         row = dict(context=context, batch=batch)
         for name in ("anpd_us", "anpd_total_us", "vllm_ngram_us"):
@@ -279,6 +287,8 @@ def _conditions(args) -> str:
     conditions = "steps back to back" + (f", {args.turn_steps} per turn" if args.turn_steps > 1 else "")
     if args.evict_mb:
         conditions = f"caches evicted before each step ({args.evict_mb} MB read)"
+    if args.max_draft != K:
+        conditions += f", ANPD drafts at most {args.max_draft}"
     return conditions
 
 
@@ -293,7 +303,7 @@ def context_pairs(args, overrides) -> None:
         pairs = []
         for i in range(args.context_pairs):
             us = {c: run_point(tokens[c], c, batch, args.steps, overrides, args.forward_gap_us * 1e-6, False, evict,
-                               args.turn_steps)["anpd_us"]
+                               args.turn_steps, args.max_draft)["anpd_us"]
                   for c in ((low, high) if i % 2 == 0 else (high, low))}
             pairs.append((us[low], us[high]))
         ratios = [h / lo for lo, h in pairs]
