@@ -135,6 +135,31 @@ def test_anpd_and_vllm_ngram_in_the_replay_within_limits_and_paying_where_output
         assert res["modelled_time"] < res["modelled_baseline"]
 
 
+def test_step_cost_max_draft_caps_what_anpd_drafts_and_nothing_else(monkeypatch):
+    """``--max-draft`` splits a step's cost between its update and its drafting: with 0 the tables still learn
+    every step's tokens and nothing is drafted; with 3 no draft is longer than 3; out of [0, k] it is refused."""
+    import step_cost
+
+    from vllm_anpd.core import kernels
+
+    context, batch, steps = 256, 2, 5
+    tokens = step_cost.make_batch(context, batch, steps)
+    for cap in (0, 3):
+        runner = step_cost.AnpdRunner(tokens, context, batch, {}, False, cap)
+        for s in range(1, steps + 1):
+            runner.step(np.full(batch, context + 2 * s, np.int32))
+        consumed = runner.tables.meta[runner.slots, kernels.META_CONSUMED]
+        assert (consumed == context + 2 * steps).all(), (cap, consumed)
+        lengths = runner.tables.draft_lengths
+        if cap == 0:
+            assert runner.tables.stats()["drafts"] == 0 and lengths[1:].sum() == 0
+        else:
+            assert lengths[1:cap + 1].sum() > 0 and lengths[cap + 1:].sum() == 0, lengths
+    monkeypatch.setattr(sys, "argv", ["step_cost.py", "--max-draft", str(step_cost.K + 1)])
+    with pytest.raises(SystemExit):
+        step_cost.main()
+
+
 def test_step_cost_results_name_their_machine_and_text(tmp_path, monkeypatch):
     """A proposer cost is a memory-latency figure: without the machine it was measured on it compares with
     nothing (vLLM ngram's 16k x 64 step differs 2x between two of this project's VMs)."""
