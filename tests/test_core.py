@@ -14,11 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numba import njit
-from numba.typed import List
 
 from vllm_anpd.core import NgramTables
 from vllm_anpd.core import kernels, oracle
-from vllm_anpd.core.tables import _allocation_of
+from vllm_anpd.core.tables import _allocation_of, _no_spare_half_pages
 from vllm_anpd.core.config import PAPER
 from vllm_anpd.core.config import AnpdParams as _AnpdParams
 
@@ -367,7 +366,7 @@ def test_huge_page_sized_tables_are_aligned_zeroed_and_draft_what_the_oracle_dra
     for rows, columns in [(1 << 16, kernels.KEY_COLUMNS), (1 << 17, kernels.PAIR_COLUMNS), (1 << 18, 4), (16, 4),
                           (1 << 15, kernels.KEY_COLUMNS), (1 << 16, kernels.PAIR_COLUMNS), (1 << 14, 4)]:
         _leave_freed_memory_dirty(rows * columns * 8)
-        table = kernels.new_records(rows, columns, _no_spare_half())
+        table = kernels.new_records(rows, columns, _no_spare_half_pages())
         assert table.shape == (rows, columns) and table.dtype == np.int64 and table.flags.c_contiguous
         assert not table.any()
         if table.nbytes >= kernels.HUGE_PAGE_MIN_TABLE_BYTES:
@@ -389,16 +388,12 @@ def test_huge_page_sized_tables_are_aligned_zeroed_and_draft_what_the_oracle_dra
     assert t.keys[s].ctypes.data % kernels.HUGE_PAGE_BYTES == 0
 
 
-def _no_spare_half():
-    return List([np.zeros((0, kernels.KEY_COLUMNS), np.int64), np.zeros((0, kernels.PAIR_COLUMNS), np.int64)])
-
-
 def test_two_1_mib_tables_share_a_huge_page_and_the_second_half_comes_clean():
     """A 1 MiB table takes half a huge page; the next one of the same kind takes the other half, zeroed even
     though the first was filled before; the half is handed out once, and the next table starts a new page.
     A table of the other kind never takes it."""
     half = kernels.HUGE_PAGE_BYTES // 2
-    spare = _no_spare_half()
+    spare = _no_spare_half_pages()
     _leave_freed_memory_dirty(kernels.HUGE_PAGE_BYTES)
     first = kernels.new_records(half // 32, kernels.KEY_COLUMNS, spare)
     assert first.ctypes.data % kernels.HUGE_PAGE_BYTES == 0 and not first.any()
@@ -518,7 +513,7 @@ def test_huge_page_sized_tables_get_huge_pages_where_the_kernel_offers_them():
     # 1 MiB (half of a page, which it holds alone here: ``held_bytes`` counts the page), and 4 MiB.
     for rows, expected_kb in [(1 << 15, 2048), (1 << 17, 4096)]:
         fallbacks = _thp_fallbacks()
-        table = kernels.new_records(rows, kernels.KEY_COLUMNS, _no_spare_half())
+        table = kernels.new_records(rows, kernels.KEY_COLUMNS, _no_spare_half_pages())
         table[::512, 0] = 1  # touch every 16 KiB: faults every huge page in
         huge_kb, flags = _mapping_of(table.ctypes.data)
         assert "hg" in flags, (rows, flags)  # advised: this is the part the code controls

@@ -70,6 +70,12 @@ def _empty_context():
     return np.zeros(_INITIAL_CAPACITY, np.int32)
 
 
+def _no_spare_half_pages():
+    """``new_records``'s ``spare`` with no half page waiting: one empty entry per table width (key tables,
+    pair tables)."""
+    return List([np.zeros((0, K.KEY_COLUMNS), np.int64), np.zeros((0, K.PAIR_COLUMNS), np.int64)])
+
+
 def _grow_then_fold(args: tuple, owners: tuple | None, views: np.ndarray, meta: np.ndarray) -> None:
     """Grow the tables the fold will fill, if ``step_batch`` said one must grow (``owners``: the lists that own
     the tables and the spare half pages), then fold (arrays only)."""
@@ -167,8 +173,7 @@ class NgramTables:
         self.contexts = List()  # per slot: int32[cap], the request's tokens (the tables refer to positions)
         # Per table width (key tables, pair tables): half of a huge page that waits for the next 1 MiB table
         # of that kind, or an empty array (see kernels.new_records).
-        self.spare_half_pages = List([np.zeros((0, K.KEY_COLUMNS), np.int64),
-                                      np.zeros((0, K.PAIR_COLUMNS), np.int64)])
+        self.spare_half_pages = _no_spare_half_pages()
         self.views = np.zeros((0, K.VIEW_COLUMNS), np.int64)  # per slot: where its three arrays are
         self.meta = np.zeros((0, K.META_COLUMNS), np.int64)
         self.calib = np.zeros((0, 2), np.float64)
