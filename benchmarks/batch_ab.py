@@ -1,6 +1,7 @@
 """Alternating A/B of engine configurations at one batch size: where does speculation's cost come from?
 
     python benchmarks/batch_ab.py [--batch 32] [--prompts 48] [--repeats 2] [--configs none none-sync anpd-zero anpd]
+    python benchmarks/batch_ab.py --batch 64 --per-category 10 --prompts 130 --configs none ngram suffix anpd
     python benchmarks/batch_ab.py --batch 1 --per-category 1 --prompts 13 --configs none ngram suffix anpd
 
 Configurations (each run in its own engine process, one after the other, in rounds, so drift hits all alike):
@@ -100,16 +101,39 @@ def run_one(name: str, batch: int, n_prompts: int, per_category: int, max_tokens
                 mat=tokens / sum(phase["steps"]), tok_s=tokens / phase["elapsed"], counters=phase["counters"])
 
 
+def check_prompt_set(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a prompt set that cannot give the batch asked for, before any engine starts: the closed loop
+    never has more requests in flight than there are prompts (a run of 2026-11-27 asked for batch 64 with
+    the default 48 prompts and ran at most 48), and ``--prompts`` beyond the stratified set would silently
+    run fewer than recorded."""
+    from vllm_anpd import specbench
+
+    if args.batch < 1:
+        ap.error(f"--batch {args.batch}: must be >= 1")
+    if args.per_category < 1:
+        ap.error(f"--per-category {args.per_category}: must be >= 1")
+    available = len(specbench.stratified(specbench.load_questions(), args.per_category))
+    if args.prompts > available:
+        ap.error(f"--prompts {args.prompts}: the set has {available} prompts at --per-category "
+                 f"{args.per_category}; raise --per-category or lower --prompts")
+    if args.prompts < args.batch:
+        ap.error(f"--prompts {args.prompts} is below --batch {args.batch}: at most {args.prompts} requests would "
+                 f"ever be in flight; pass --prompts {args.batch} or more (the set at --per-category "
+                 f"{args.per_category} has {available})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--prompts", type=int, default=48,
+                    help="how many of the set's prompts, in its order; at least --batch")
     ap.add_argument("--per-category", type=int, default=5, help="Spec-Bench prompts per category")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    check_prompt_set(ap, args)
     if args.worker:
         print("RESULT " + json.dumps(run_one(args.worker, args.batch, args.prompts, args.per_category,
                                                  args.max_tokens)),

@@ -182,3 +182,43 @@ def test_step_cost_results_name_their_machine_and_text(tmp_path, monkeypatch):
     assert first_line.startswith("Measured on ") and result["machine"]["cpu"] in first_line
     assert result["stream"] in first_line
     assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in first_line  # malloc's huge pages move these costs
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--batch", "64", "--per-category", "10"], "--prompts 48 is below --batch 64"),  # the default 48 prompts
+    (["--batch", "8", "--per-category", "1", "--prompts", "14"], "--prompts 14: the set has 13"),
+    (["--batch", "0", "--prompts", "8"], "--batch 0"),
+])
+def test_batch_ab_refuses_a_prompt_set_that_cannot_give_its_batch(monkeypatch, capsys, argv, named):
+    """The closed loop never has more requests in flight than prompts: a batch-64 run on 48 prompts ran at
+    most 48 at once. Refused before any engine starts, naming the values."""
+    import batch_ab
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("an engine run was started")
+
+    monkeypatch.setattr(batch_ab.subprocess, "run", no_engine)
+    monkeypatch.setattr(batch_ab, "run_one", no_engine)
+    monkeypatch.setattr(sys, "argv", ["batch_ab.py", *argv, "--configs", "none"])
+    with pytest.raises(SystemExit) as exit_:
+        batch_ab.main()
+    assert exit_.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_batch_ab_accepts_a_set_that_fills_its_batch(monkeypatch):
+    """The check passes the sets the documented commands use (48 of the 65-prompt set at batch 32, all 130 at
+    batch 64), so only the engine runs are left: caught here before they start."""
+    import batch_ab
+
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(batch_ab.subprocess, "run", started)
+    for argv in (["--batch", "32"], ["--batch", "64", "--per-category", "10", "--prompts", "130"]):
+        monkeypatch.setattr(sys, "argv", ["batch_ab.py", *argv, "--configs", "none"])
+        with pytest.raises(Started):
+            batch_ab.main()
