@@ -318,6 +318,10 @@ def main():
     methods = sorted(args.methods, key=METHODS.index)  # "none" first: the oracle replays its outputs
     refs_by_batch = {b: load_prompts(args, args.per_category if b == 1 else args.per_category_batched)
                      for b in args.batches}
+    for batch, refs in refs_by_batch.items():  # the closed loop never has more requests in flight than prompts
+        if batch < 1 or batch > len(refs):
+            ap.error(f"--batches {batch}: must be between 1 and the {len(refs)} prompts of that batch's set; "
+                     f"raise --per-category-batched (or use --full)")
     results, reference = [], {}
     for method in methods:
         todo = []

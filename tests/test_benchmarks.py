@@ -222,3 +222,15 @@ def test_batch_ab_accepts_a_set_that_fills_its_batch(monkeypatch):
         monkeypatch.setattr(sys, "argv", ["batch_ab.py", *argv, "--configs", "none"])
         with pytest.raises(Started):
             batch_ab.main()
+
+
+def test_engine_bench_refuses_a_batch_above_its_prompt_set(monkeypatch, capsys):
+    """engine_bench.py's batched set is 5 prompts per category (65): a "batch 128" there would run at most 65."""
+    import engine_bench
+
+    monkeypatch.setattr(engine_bench, "run_method", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    monkeypatch.setattr(sys, "argv", ["engine_bench.py", "--batches", "1", "128", "--methods", "none"])
+    with pytest.raises(SystemExit) as exit_:
+        engine_bench.main()
+    assert exit_.value.code == 2
+    assert "--batches 128" in capsys.readouterr().err
