@@ -11,6 +11,8 @@ Configurations (each run in its own engine process, one after the other, in roun
   async scheduling off for every engine (``vllm/platforms/cpu.py``), so here it is the same engine as
   ``none`` run again: a direct measure of the run-to-run noise;
 * ``anpd-zero``: ANPD with a gate no successor passes (speculative decoding on, no draft ever);
+* ``null``: a proposer that returns no draft and does nothing else (``bench/fixed_length_proposer.py``, whose
+  default schedule is 0): speculative decoding on, vLLM's own share of ``anpd-zero``'s cost;
 * ``anpd``: ANPD's defaults (verify cost measured from the engine's step times);
 * ``anpd-fixed``: ANPD with the verify cost fixed at its configured 0.07 (``anpd_measure_verify_cost: false``);
 * ``anpd-stop0.05``, ``anpd-stop0.1``: ANPD with that stop probability (the default's candidates);
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +56,9 @@ CONFIGS = {
     "none-sync": (None, {"async_scheduling": False}),
     "anpd-zero": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_min_count": NEVER,
                    "anpd_cross_min_count": NEVER}, {}),
+    # A proposer that never drafts and does no work: what vLLM's speculative path costs by itself.
+    "null": ({"method": "custom_class", "model": "vllm_anpd.bench.fixed_length_proposer.FixedLengthProposer",
+              "num_speculative_tokens": 5}, {}),
     "anpd": ({"method": "anpd", "num_speculative_tokens": 5}, {}),
     "anpd-fixed": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_measure_verify_cost": False}, {}),
     "anpd-stop0.05": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_stop_probability": 0.05}, {}),
@@ -77,6 +83,10 @@ def run_one(name: str, batch: int, n_prompts: int, per_category: int, max_tokens
     from vllm_anpd import models
 
     spec, extra = CONFIGS[name]
+    if name == "null":
+        from vllm_anpd.bench import fixed_length_proposer
+
+        os.environ[fixed_length_proposer.ENV] = "0"  # never a draft, whatever the caller's environment says
     prompts = [p["prompt_ids"] for p in engine_bench.load_prompts(argparse.Namespace(full=False), per_category)]
     prompts = prompts[:n_prompts]
     llm = LLM(speculative_config=spec, disable_log_stats=False,
