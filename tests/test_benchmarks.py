@@ -234,3 +234,31 @@ def test_engine_bench_refuses_a_batch_above_its_prompt_set(monkeypatch, capsys):
         engine_bench.main()
     assert exit_.value.code == 2
     assert "--batches 128" in capsys.readouterr().err
+
+
+
+def test_batch_ab_default_is_the_documented_comparison(monkeypatch, tmp_path):
+    """``python benchmarks/batch_ab.py`` alone runs none, none-sync, anpd-zero and anpd in two alternating
+    rounds (8 engine runs, as README and BENCHMARKS.md say), not every configuration gathered since."""
+    import json
+    import subprocess
+
+    import batch_ab
+
+    started = []
+    real_run = subprocess.run
+
+    def fake_run(cmd, **kwargs):
+        if "--worker" not in cmd:  # batch_ab's subprocess is the module: machine.describe() asks git through it
+            return real_run(cmd, **kwargs)
+        name = cmd[cmd.index("--worker") + 1]
+        started.append(name)
+        result = {"name": name, "tok_s": 100.0, "mat": 1.0}
+        return subprocess.CompletedProcess(cmd, 0, stdout="RESULT " + json.dumps(result) + "\n", stderr="")
+
+    monkeypatch.setattr(batch_ab.subprocess, "run", fake_run)
+    monkeypatch.setattr(batch_ab, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["batch_ab.py"])
+    batch_ab.main()
+    assert started == ["none", "none-sync", "anpd-zero", "anpd"] * 2
+    assert len((tmp_path / "batch_ab.jsonl").read_text().splitlines()) == 8
