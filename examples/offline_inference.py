@@ -12,6 +12,34 @@ from vllm import LLM, SamplingParams
 
 from vllm_anpd import models, specbench
 
+# Used when Spec-Bench's question.jsonl is not beside the repository (a pip install elsewhere): prompts whose
+# answers repeat their input, where n-gram drafting pays, and one open-ended one, where it cannot.
+BUILT_IN_PROMPTS = [
+    specbench.Question(-1, "extraction", "List every city named in this text, one per line, in order: "
+                       "The tour starts in Lisbon, crosses to Madrid and Barcelona, then flies to Rome. From Rome "
+                       "it goes by train to Florence, Bologna and Venice, and ends in Vienna."),
+    specbench.Question(-2, "coding", "Rename the variable `total` to `running_sum` in this Python function and "
+                       "return the whole function:\n\ndef add_all(values):\n    total = 0\n    for v in values:\n"
+                       "        total = total + v\n    return total\n"),
+    specbench.Question(-3, "summarization", "Summarize in two sentences: Speculative decoding drafts several "
+                       "tokens cheaply and lets the large model verify them in one forward pass. Tokens that match "
+                       "what the model would have produced are kept, so the output is unchanged, and decoding "
+                       "needs fewer sequential steps of the large model."),
+    specbench.Question(-4, "writing", "Write a short poem about the sea at night."),
+]
+
+
+def load_prompts(num_prompts: int) -> list:
+    """Spec-Bench first turns spread over its 13 categories, or the built-in prompts without Spec-Bench.
+    Read before the engine starts, so that a missing file costs no engine start-up."""
+    try:
+        questions = specbench.load_questions()
+    except FileNotFoundError as e:
+        print(f"{e}\nUsing the {len(BUILT_IN_PROMPTS)} built-in prompts instead.")
+        return BUILT_IN_PROMPTS[:num_prompts]
+    per_category = max(1, -(-num_prompts // 13))
+    return specbench.stratified(questions, per_category)[:num_prompts]
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -20,6 +48,9 @@ def main():
     ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
     ap.add_argument("--max-tokens", type=int, default=128)
     args = ap.parse_args()
+    if args.num_prompts < 1:
+        ap.error(f"--num-prompts {args.num_prompts}: must be >= 1")
+    questions = load_prompts(args.num_prompts)
 
     kwargs = models.engine_kwargs(max_num_seqs=16, disable_log_stats=False,
                                   worker_extension_cls="vllm_anpd.worker_extension.AnpdWorkerExtension")
@@ -27,8 +58,6 @@ def main():
         kwargs["model"] = args.model
     llm = LLM(speculative_config={"method": "anpd", "num_speculative_tokens": args.k}, **kwargs)
 
-    per_category = max(1, -(-args.num_prompts // 13))
-    questions = specbench.stratified(specbench.load_questions(), per_category)[: args.num_prompts]
     prompts = [specbench.chat_prompt(llm.get_tokenizer(), q.text) for q in questions]
     t0 = time.time()
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))

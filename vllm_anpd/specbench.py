@@ -27,12 +27,15 @@ def data_path() -> Path:
     env = os.environ.get("VLLM_ANPD_SPEC_BENCH")
     if env:
         return Path(env)
+    tried = []
     for base in (Path.cwd(), _REPO):
         path = base.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
         if path.exists():
             return path
+        tried.append(str(path))
     raise FileNotFoundError(
-        "Spec-Bench question.jsonl not found: set VLLM_ANPD_SPEC_BENCH or place shared/ beside the repo")
+        f"Spec-Bench question.jsonl not found (looked at {' and '.join(dict.fromkeys(tried))}): set "
+        "VLLM_ANPD_SPEC_BENCH or place shared/ beside the repo")
 
 
 def load_questions(path: Path | None = None) -> list[Question]:
