@@ -148,12 +148,12 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    check_prompt_set(ap, args)
-    if args.worker:
+    if args.worker:  # its arguments come from the parent below, already checked
         print("RESULT " + json.dumps(run_one(args.worker, args.batch, args.prompts, args.per_category,
                                                  args.max_tokens)),
               flush=True)
         return
+    check_prompt_set(ap, args)
     from tqdm import tqdm
 
     import machine  # beside this script
