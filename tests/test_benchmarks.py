@@ -184,44 +184,68 @@ def test_step_cost_results_name_their_machine_and_text(tmp_path, monkeypatch):
     assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in first_line  # malloc's huge pages move these costs
 
 
+
+@pytest.fixture
+def batch_ab_runs(monkeypatch, tmp_path):
+    """``batch_ab`` with its engine runs faked: each worker process it would start is recorded by configuration
+    name and returns a made-up result; results go to ``tmp_path``. Other commands (``machine.describe()``
+    asks git; ``batch_ab.subprocess`` is the module itself) run for real."""
+    import json
+    import subprocess
+
+    import batch_ab
+
+    started = []
+    real_run = subprocess.run
+
+    def fake_run(cmd, **kwargs):
+        if "--worker" not in cmd:
+            return real_run(cmd, **kwargs)
+        name = cmd[cmd.index("--worker") + 1]
+        started.append(name)
+        result = {"name": name, "tok_s": 100.0, "mat": 1.0}
+        return subprocess.CompletedProcess(cmd, 0, stdout="RESULT " + json.dumps(result) + "\n", stderr="")
+
+    monkeypatch.setattr(batch_ab.subprocess, "run", fake_run)
+    monkeypatch.setattr(batch_ab, "RESULTS", tmp_path)
+    return batch_ab, started
+
+
 @pytest.mark.parametrize("argv, named", [
     (["--batch", "64", "--per-category", "10"], "--prompts 48 is below --batch 64"),  # the default 48 prompts
     (["--batch", "8", "--per-category", "1", "--prompts", "14"], "--prompts 14: the set has 13"),
     (["--batch", "0", "--prompts", "8"], "--batch 0"),
 ])
-def test_batch_ab_refuses_a_prompt_set_that_cannot_give_its_batch(monkeypatch, capsys, argv, named):
+def test_batch_ab_refuses_a_prompt_set_that_cannot_give_its_batch(batch_ab_runs, monkeypatch, capsys, argv, named):
     """The closed loop never has more requests in flight than prompts: a batch-64 run on 48 prompts ran at
     most 48 at once. Refused before any engine starts, naming the values."""
-    import batch_ab
-
-    def no_engine(*args, **kwargs):
-        raise AssertionError("an engine run was started")
-
-    monkeypatch.setattr(batch_ab.subprocess, "run", no_engine)
-    monkeypatch.setattr(batch_ab, "run_one", no_engine)
+    batch_ab, started = batch_ab_runs
     monkeypatch.setattr(sys, "argv", ["batch_ab.py", *argv, "--configs", "none"])
     with pytest.raises(SystemExit) as exit_:
         batch_ab.main()
     assert exit_.value.code == 2
     assert named in capsys.readouterr().err
+    assert started == []
 
 
-def test_batch_ab_accepts_a_set_that_fills_its_batch(monkeypatch):
-    """The check passes the sets the documented commands use (48 of the 65-prompt set at batch 32, all 130 at
-    batch 64), so only the engine runs are left: caught here before they start."""
-    import batch_ab
-
-    class Started(Exception):
-        pass
-
-    def started(*args, **kwargs):
-        raise Started
-
-    monkeypatch.setattr(batch_ab.subprocess, "run", started)
+def test_batch_ab_accepts_a_set_that_fills_its_batch(batch_ab_runs, monkeypatch):
+    """The check passes the sets the documented commands use: 48 of the 65-prompt set at batch 32, all 130
+    at batch 64."""
+    batch_ab, started = batch_ab_runs
     for argv in (["--batch", "32"], ["--batch", "64", "--per-category", "10", "--prompts", "130"]):
-        monkeypatch.setattr(sys, "argv", ["batch_ab.py", *argv, "--configs", "none"])
-        with pytest.raises(Started):
-            batch_ab.main()
+        monkeypatch.setattr(sys, "argv", ["batch_ab.py", *argv, "--configs", "none", "--repeats", "1"])
+        batch_ab.main()
+    assert started == ["none", "none"]
+
+
+def test_batch_ab_default_is_the_documented_comparison(batch_ab_runs, monkeypatch, tmp_path):
+    """``python benchmarks/batch_ab.py`` alone runs none, none-sync, anpd-zero and anpd in two alternating
+    rounds (8 engine runs, as README and BENCHMARKS.md say), not every configuration gathered since."""
+    batch_ab, started = batch_ab_runs
+    monkeypatch.setattr(sys, "argv", ["batch_ab.py"])
+    batch_ab.main()
+    assert started == ["none", "none-sync", "anpd-zero", "anpd"] * 2
+    assert len((tmp_path / "batch_ab.jsonl").read_text().splitlines()) == 8
 
 
 def test_engine_bench_refuses_a_batch_above_its_prompt_set(monkeypatch, capsys):
@@ -234,31 +258,3 @@ def test_engine_bench_refuses_a_batch_above_its_prompt_set(monkeypatch, capsys):
         engine_bench.main()
     assert exit_.value.code == 2
     assert "--batches 128" in capsys.readouterr().err
-
-
-
-def test_batch_ab_default_is_the_documented_comparison(monkeypatch, tmp_path):
-    """``python benchmarks/batch_ab.py`` alone runs none, none-sync, anpd-zero and anpd in two alternating
-    rounds (8 engine runs, as README and BENCHMARKS.md say), not every configuration gathered since."""
-    import json
-    import subprocess
-
-    import batch_ab
-
-    started = []
-    real_run = subprocess.run
-
-    def fake_run(cmd, **kwargs):
-        if "--worker" not in cmd:  # batch_ab's subprocess is the module: machine.describe() asks git through it
-            return real_run(cmd, **kwargs)
-        name = cmd[cmd.index("--worker") + 1]
-        started.append(name)
-        result = {"name": name, "tok_s": 100.0, "mat": 1.0}
-        return subprocess.CompletedProcess(cmd, 0, stdout="RESULT " + json.dumps(result) + "\n", stderr="")
-
-    monkeypatch.setattr(batch_ab.subprocess, "run", fake_run)
-    monkeypatch.setattr(batch_ab, "RESULTS", tmp_path)
-    monkeypatch.setattr(sys, "argv", ["batch_ab.py"])
-    batch_ab.main()
-    assert started == ["none", "none-sync", "anpd-zero", "anpd"] * 2
-    assert len((tmp_path / "batch_ab.jsonl").read_text().splitlines()) == 8
