@@ -2,7 +2,7 @@
 (float32): requests ending exactly at max_model_len, chunked prefill, preemption (tiny KV cache), aborts
 mid-generation, sampled and n > 1 requests mixed into a greedy batch, max_tokens = 1, stop strings and EOS
 inside a draft, logprobs, structured output (JSON schema), an empty prompt, a seeded request prefilled in
-chunks, a top-k request. Two engines, one after the other.
+chunks, a top-k request, a failure inside the drafter. Two engines, one after the other.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def top_k_batch():
     return [PROMPTS[1], PROMPTS[2]], [greedy(48), top_k_sampled()]
 
 
-def run_with_aborts(llm, prompts, abort_ids, abort_after_steps=6):
+def run_with_aborts(llm, prompts, abort_ids, abort_after_steps=6, after_step=None):
+    """Finished requests' token ids; ``after_step(llm, steps)`` runs after each engine step, if given."""
     engine = llm.llm_engine
     for i, p in enumerate(prompts):
         engine.add_request(f"req-{i}", p, greedy(200))
@@ -121,6 +122,8 @@ def run_with_aborts(llm, prompts, abort_ids, abort_after_steps=6):
         steps += 1
         if steps == abort_after_steps:
             engine.abort_request([f"req-{i}" for i in abort_ids])
+        if after_step is not None:
+            after_step(llm, steps)
     return done
 
 
@@ -150,9 +153,12 @@ def baseline():
 
 @pytest.fixture(scope="module")
 def anpd_llm():
-    llm = make_llm(ANPD, **ENGINE)
-    yield llm
-    shutdown(llm)
+    # test_a_drafter_failure_costs_one_step_of_drafts sends a function to the workers (collective_rpc).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        llm = make_llm(ANPD, **ENGINE)
+        yield llm
+        shutdown(llm)
 
 
 def num_preemptions(llm) -> float:
@@ -182,6 +188,33 @@ def test_aborts_mid_generation(baseline, anpd_llm):
     anpd_llm.generate(["Hi"], greedy(1), use_tqdm=False)
     stats = drafter_stats(anpd_llm)
     assert stats["tracked_requests"] == stats["runner_requests"] <= 1  # aborted requests released too
+
+
+def test_a_drafter_failure_costs_one_step_of_drafts(baseline, anpd_llm):
+    """An error inside the drafter, mid-generation, in the engine's worker: that step goes without drafts, the
+    drafter restarts from the requests' contexts, the engine keeps serving and the outputs are unchanged."""
+    _, _, ref_abort, *_ = baseline
+
+    def fail_next_step(worker):  # nested, so that it is sent by value to the worker process
+        drafter = worker.model_runner.drafter
+
+        def failing_step(*args, **kwargs):
+            raise RuntimeError("injected drafter failure")
+
+        drafter.tables.step = failing_step  # the restart replaces the tables, and this with them
+        return drafter.failures
+
+    def inject(llm, steps):
+        if steps == 10:
+            assert llm.collective_rpc(fail_next_step) == [0]
+
+    done = run_with_aborts(anpd_llm, PROMPTS[:4], abort_ids=[1, 2], after_step=inject)
+    for rid in ("req-0", "req-3"):
+        assert done[rid] == ref_abort[rid]
+    stats = drafter_stats(anpd_llm)
+    assert stats["failures"] == 1 and not stats["drafting_disabled"]
+    assert stats["accepted_tokens"] > 0  # counted since the restart: drafting went on
+    assert anpd_llm.generate(["Say hello."], greedy(8), use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_sampled_and_n_gt_1_mixed_with_greedy(baseline, anpd_llm):

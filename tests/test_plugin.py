@@ -389,6 +389,98 @@ def test_reset_with_a_request_in_flight_rebuilds_it_from_its_context():
     assert p.num_active_requests == 1
 
 
+def _fail_once(tables, method, error):
+    """Make ``tables.<method>`` raise ``error`` at its next call; the drafter's recovery replaces the tables."""
+    def broken(*args, **kwargs):
+        raise error
+    setattr(tables, method, broken)
+
+
+def test_a_failure_in_propose_gives_a_step_without_drafts_and_the_drafter_recovers(anpd_log):
+    p, runner = make_proposer()
+    batch = Batch()
+    runner.requests, runner.input_batch.req_ids = {"a": object(), "b": object()}, ["a", "b"]
+    p.propose(*batch([CTX_A, CTX_B]))
+    _fail_once(p.tables, "step", MemoryError("no memory for a table"))
+    a2, b2 = CTX_A + [3], CTX_B + [8]
+    assert p.propose(*batch([a2, b2])) == [[], []]  # that step goes without drafts, the engine goes on
+    errors = [r for r in anpd_log.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "failure 1" in errors[0].getMessage() and errors[0].exc_info[0] is MemoryError
+    # Rebuilt from the contexts: the next step drafts as a fresh proposer would.
+    a3, b3 = a2 + [4], b2 + [9]
+    assert p.propose(*batch([a3, b3])) == [oracle.draft(a3, p.params, 4), oracle.draft(b3, p.params, 4)]
+    st = p.stats()
+    assert st["failures"] == 1 and not st["drafting_disabled"] and st["tracked_requests"] == 2
+
+
+def test_a_failed_fold_is_recovered(anpd_log, monkeypatch):
+    """The tables learn a step's tokens after its drafts (the fold), on the fold thread or in the step. A fold
+    that fails there surfaces at the next call's wait for it, here in the same call: either call recovers."""
+    import vllm_anpd.core.tables as tables_module
+
+    p, runner = make_proposer()
+    batch = Batch()
+    ids, contexts = ["a", "b", "c", "d"], [CTX_A, CTX_B, [5, 6, 5, 6, 5], [2, 2, 3, 2, 2]]
+    runner.requests, runner.input_batch.req_ids = {i: object() for i in ids}, ids
+    p.propose(*batch(contexts))
+    fold = tables_module._grow_then_fold
+
+    def failing_fold(*args):
+        monkeypatch.setattr(tables_module, "_grow_then_fold", fold)  # once
+        raise RuntimeError("fold failed")
+
+    monkeypatch.setattr(tables_module, "_grow_then_fold", failing_fold)
+    outs = []
+    for _ in range(2):
+        contexts = [c + [c[-2]] for c in contexts]
+        outs.append(p.propose(*batch(contexts)))
+    assert outs.count([[], [], [], []]) == 1 and p.stats()["failures"] == 1
+    contexts = [c + [c[-2]] for c in contexts]
+    assert p.propose(*batch(contexts)) == [oracle.draft(c, p.params, 4) for c in contexts]
+
+
+def test_repeated_failures_stop_drafting_for_good(anpd_log, monkeypatch):
+    import vllm_anpd.proposer as proposer_module
+
+    p, runner = make_proposer()
+    batch = Batch()
+    runner.requests, runner.input_batch.req_ids = {"a": object()}, ["a"]
+    calls = []
+
+    def broken_ids(runner_):  # e.g. a vLLM whose runner no longer looks as _vllm_compat expects
+        calls.append(1)
+        raise AttributeError("'GPUModelRunner' object has no attribute 'input_batch'")
+
+    monkeypatch.setattr(proposer_module._vllm_compat, "batch_request_ids", broken_ids)
+    for step in range(proposer_module.MAX_FAILURES + 2):
+        assert p.propose(*batch([CTX_A + [3] * step])) == [[]]
+    assert len(calls) == proposer_module.MAX_FAILURES  # once disabled, propose touches nothing
+    st = p.stats()
+    assert st["failures"] == proposer_module.MAX_FAILURES and st["drafting_disabled"]
+    errors = [r.getMessage() for r in anpd_log.records if r.levelno == logging.ERROR]
+    assert len(errors) == proposer_module.MAX_FAILURES and "proposes nothing more" in errors[-1]
+
+
+def test_a_failure_to_restart_stops_drafting(anpd_log, monkeypatch):
+    p, runner = make_proposer()
+    runner.requests, runner.input_batch.req_ids = {"a": object()}, ["a"]
+    _fail_once(p.tables, "step", RuntimeError("bug"))
+    monkeypatch.setattr(p, "reset", lambda: (_ for _ in ()).throw(MemoryError("no memory for new tables")))
+    assert p.propose(*Batch()([CTX_A])) == [[]]
+    assert p.drafting_disabled and p.failures == 1
+    assert p.propose(*Batch()([CTX_A + [3]])) == [[]]
+    assert "could not restart" in [r.getMessage() for r in anpd_log.records if r.levelno == logging.ERROR][-1]
+
+
+def test_interrupts_are_not_swallowed():
+    p, runner = make_proposer()
+    runner.requests, runner.input_batch.req_ids = {"a": object()}, ["a"]
+    _fail_once(p.tables, "step", KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        p.propose(*Batch()([CTX_A]))
+    assert p.failures == 0
+
+
 def test_time_drafter_hook_records_each_propose_call():
     class Drafter:
         def propose(self, x):

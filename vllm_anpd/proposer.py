@@ -12,6 +12,10 @@ Lifecycle, keyed by request id (rows move every step):
 * preemption: the request leaves the batch but stays in the runner's ``requests``; its slot is kept;
 * finished or aborted: its id leaves the runner's ``requests`` (vLLM's ``_update_states``, at the next engine
   step); its slot is released then. So ANPD's state lives exactly as long as vLLM's own per-request state.
+
+A failure inside ``propose`` never reaches the engine: that step goes without drafts (plain decoding, the same
+outputs), the error is logged with its traceback, and the drafter restarts from the requests' contexts (as
+``reset()``). After ``MAX_FAILURES`` failures it stops drafting for the rest of the engine's life.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from .core.tables import fold_thread_can_overlap
 # A child of vLLM's logger: vLLM configures the handler and format, in every process.
 logger = logging.getLogger("vllm.anpd")
 LOG_STATS_ENV = "VLLM_ANPD_LOG_STATS"  # "0" silences the periodic statistics line
+# Failures of propose() the drafter recovers from before it stops drafting for good: one is a rare fault
+# (memory, a bug on one input), and the engine keeps its speed-up; repeated ones mean drafting is broken here.
+MAX_FAILURES = 3
 
 
 class AnpdProposer:
@@ -58,6 +65,8 @@ class AnpdProposer:
         self._log_interval = _vllm_compat.stats_log_interval()
         self._log_enabled = os.environ.get(LOG_STATS_ENV, "1") != "0"
         self._next_log = time.monotonic() + self._log_interval
+        self.failures = 0  # propose() calls that failed; not cleared by reset()
+        self.drafting_disabled = False  # set at MAX_FAILURES: propose() then drafts nothing
         self.reset()  # builds the tables and the budget, and warms the kernel up
 
     def _warm_up(self, max_num_seqs: int) -> None:
@@ -113,7 +122,8 @@ class AnpdProposer:
 
     def stats(self) -> dict:
         """ANPD's statistics: the tables' totals plus the lifecycle and adaptive-length figures."""
-        self._release_finished()
+        if not self.drafting_disabled:
+            self._release_finished()
         st = self.tables.stats()
         st["tracked_requests"] = self.num_active_requests
         # Requests vLLM's model runner still holds. Its _update_states drops finished requests at the next
@@ -124,9 +134,46 @@ class AnpdProposer:
         st["stop_probability"] = self.budget.last_stop_probability
         st["step_cost"] = self.step_cost.as_dict()
         st["fold_in_background"] = self.fold_in_background
+        st["failures"] = self.failures
+        st["drafting_disabled"] = self.drafting_disabled
         return st
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **_unused):
+        """One draft per row of the batch (a list of token ids, possibly empty), for vLLM to verify."""
+        if self.drafting_disabled:
+            return [[] for _ in range(len(sampled_token_ids))]
+        try:
+            return self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        except Exception:
+            return self._recover(len(sampled_token_ids))
+
+    def _recover(self, batch: int) -> list:
+        """After a failure in ``_propose``: log it, restart the drafter, and give this step no drafts.
+
+        Drafts only speed decoding up: vLLM verifies every draft token on the target model, and a step without
+        drafts is plain decoding. So an error in the drafter (a bug, memory) costs speed, never outputs, and
+        it must not take the engine and every request in flight down with it. The tables may be half
+        updated, so they are rebuilt (``reset()``): each request in flight gets a new slot at its next step,
+        built from its whole context. The statistics restart with them; ``failures`` does not."""
+        self.failures += 1
+        if self.failures >= MAX_FAILURES:
+            self.drafting_disabled = True
+            logger.exception("ANPD: drafting failed (failure %d of %d); speculative decoding proposes nothing "
+                             "more in this engine: outputs are unchanged, without ANPD's speed-up. Please "
+                             "report this traceback.", self.failures, MAX_FAILURES)
+            return [[] for _ in range(batch)]
+        logger.exception("ANPD: drafting failed (failure %d; at %d, drafting stops for this engine). This step "
+                         "goes without drafts (outputs unchanged); the drafter restarts from the requests' "
+                         "contexts.", self.failures, MAX_FAILURES)
+        try:
+            self.reset()
+        except Exception:
+            self.drafting_disabled = True
+            logger.exception("ANPD: the drafter could not restart; speculative decoding proposes nothing more "
+                             "in this engine (outputs unchanged).")
+        return [[] for _ in range(batch)]
+
+    def _propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu):
         # Per-row work here is done in C-level passes (map, zip, numpy): with warm caches a Python loop over the
         # rows cost about 1 us per row, more than the kernel at batch 64-256. (Right after a forward pass, the
         # cache misses on each request's objects cost more than the loop: BENCHMARKS.md section 2.)
