@@ -581,6 +581,42 @@ def test_core_does_not_import_vllm():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_kernels_work_where_numba_cannot_cache_them_on_disk():
+    """A read-only file system, or a container whose home is not writable: numba finds nowhere to cache, and
+    ``njit(cache=True)`` raises at decoration. The kernels must then compile in the process (with a warning
+    that names the fix), not fail the import and with it the engine's start. Every cache location numba
+    tries is made unwritable here (as root, permissions cannot show it). Compiles every kernel: ~15 s."""
+    code = """
+import logging
+import numba.core.caching as caching
+def not_writable(self):
+    raise OSError(30, "Read-only file system")
+for name in dir(caching):
+    cls = getattr(caching, name)
+    if isinstance(cls, type) and hasattr(cls, "ensure_cache_path"):
+        cls.ensure_cache_path = not_writable
+warnings = []
+class Records(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+logging.getLogger("vllm.anpd").addHandler(Records())
+import numpy as np
+from vllm_anpd.core import NgramTables, kernels, oracle
+from vllm_anpd.core.config import PAPER, AnpdParams
+assert kernels.CACHE is False
+assert len(warnings) == 1 and "NUMBA_CACHE_DIR" in warnings[0], warnings
+params = AnpdParams(**{**PAPER, "num_speculative_tokens": 4})
+tables = NgramTables(params, num_slots=2, max_batch=2)
+context = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
+slot = tables.acquire()
+drafts, lens = tables.step(np.array([context], np.int32), np.array([len(context)]), np.array([slot], np.int32),
+                           np.array([4], np.int32))
+assert drafts[0, :lens[0]].tolist() == oracle.draft(context, params, 4) == [3, 4, 1, 2]
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert kernels.CACHE is True  # here, as on most machines, the kernels are cached
+
+
 # --- config validation -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, needle", [

@@ -29,6 +29,7 @@ pair) and would only change a draft, never the output (the target model verifies
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import numpy as np
@@ -36,6 +37,29 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+
+def _disk_cache_probe():
+    return 0
+
+
+def _disk_cache_available() -> bool:
+    """Whether numba can keep these kernels' machine code on disk: beside this file, in ``NUMBA_CACHE_DIR`` or
+    in the user's cache directory, whichever is writable. Where none is (a read-only file system, a container
+    whose home is not writable), ``njit(cache=True)`` raises at decoration ("no locator available"), which
+    would fail the import and the engine's start. Then the kernels are compiled in each process instead."""
+    try:
+        njit(cache=True)(_disk_cache_probe)
+    except RuntimeError as e:
+        logging.getLogger("vllm.anpd").warning(
+            "ANPD: numba cannot cache its kernels on disk here (%s): they are compiled at each start instead "
+            "(about 15 s per process). Set NUMBA_CACHE_DIR to a writable directory to keep them.", e)
+        return False
+    return True
+
+
+# numba's on-disk cache: later processes load the kernels in well under a second instead of compiling them.
+CACHE = _disk_cache_available()
 
 # --- slot metadata columns (int64[S, META_COLUMNS]) -------------------------------------------------
 META_CONSUMED = 0  # tokens of the request already folded into its tables
@@ -168,7 +192,7 @@ def _madvise(typingctx, address, length, advice):
     return sig, codegen
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def _prefetch_row(array, i):
     """Start loading the first cache line of ``array[i]``."""
     _prefetch_address(array.ctypes.data + i * array.strides[0])
@@ -186,13 +210,13 @@ def _address_as_pointer(typingctx, address, dtype):
     return sig, codegen
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def _set_view(views, s, column, array):
     views[s, column] = array.ctypes.data
     views[s, column + 1] = array.shape[0]
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def refresh_views(s, keys, pairs, contexts, views):
     """Record slot ``s``'s arrays in ``views`` (after the lists' arrays for ``s`` were replaced)."""
     _set_view(views, s, VIEW_KEYS, keys[s])
@@ -200,22 +224,22 @@ def refresh_views(s, keys, pairs, contexts, views):
     _set_view(views, s, VIEW_CONTEXT, contexts[s])
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def _key_table(views, s):
     return carray(_address_as_pointer(views[s, VIEW_KEYS], np.int64), (views[s, VIEW_KEYS + 1], KEY_COLUMNS))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def _pair_table(views, s):
     return carray(_address_as_pointer(views[s, VIEW_PAIRS], np.int64), (views[s, VIEW_PAIRS + 1], PAIR_COLUMNS))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def _context(views, s):
     return carray(_address_as_pointer(views[s, VIEW_CONTEXT], np.int32), views[s, VIEW_CONTEXT + 1])
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def _mix(x):
     # splitmix64 finalizer: every input bit affects every output bit.
     x = (x ^ (x >> _S30)) * _C1
@@ -223,13 +247,13 @@ def _mix(x):
     return x ^ (x >> _S31)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def _nonzero(h):
     v = np.int64(h)
     return v if v != 0 else np.int64(1)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def key_fingerprints(tokens, end, max_length, out):
     """Fingerprints of every key ending at ``end``: ``out[m]`` for ``tokens[end - m:end]``, m = 0..max_length.
 
@@ -243,12 +267,12 @@ def key_fingerprints(tokens, end, max_length, out):
         out[m] = _nonzero(h ^ (np.uint64(m + 1) * _K0))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def _pair_fingerprint(key_fp, token):
     return _nonzero(_mix(np.uint64(key_fp) ^ (np.uint64(np.uint32(token)) * _K1 + _K0)))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def _probe(table, fp):
     """Row of ``fp`` in ``table`` (fingerprints in column 0) if present, else ``-1 - (the empty row where it
     would go)``."""
@@ -263,7 +287,7 @@ def _probe(table, fp):
         i = (i + 1) & mask
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def table_capacity_for(entries):
     """Smallest power-of-two capacity that holds ``entries`` under the maximum load (at least 16)."""
     need = (entries * MAX_LOAD_DEN) // MAX_LOAD_NUM + 1
@@ -273,7 +297,7 @@ def table_capacity_for(entries):
     return cap
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=CACHE, _nrt=False)
 def held_bytes(nbytes):
     """The huge pages a table of ``nbytes`` lies in, from ``HUGE_PAGE_MIN_TABLE_BYTES`` on (a 1 MiB table's
     page may be shared with another), else its own size."""
@@ -282,7 +306,7 @@ def held_bytes(nbytes):
     return -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _huge_pages(nbytes, columns):
     """A zeroed int64[nbytes // (8 x columns), columns] table of whole huge pages (``nbytes``: a multiple of
     ``HUGE_PAGE_BYTES``), 2 MiB-aligned inside a larger allocation that owns it."""
@@ -300,7 +324,7 @@ def _huge_pages(nbytes, columns):
     return table
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def new_records(rows, columns, spare):
     """A zeroed int64[rows, columns] table. From ``HUGE_PAGE_MIN_TABLE_BYTES`` on, a 2 MiB-aligned view of
     huge pages (see ``HUGE_PAGE_BYTES``). A 1 MiB table is half a page: the waiting half of its width if
@@ -324,7 +348,7 @@ def new_records(rows, columns, spare):
     return page[:rows]
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _spare_of_width(spare, columns):
     """The entry of ``spare`` for tables of ``columns`` columns, or -1."""
     for w in range(len(spare)):
@@ -333,7 +357,7 @@ def _spare_of_width(spare, columns):
     return -1
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def forget_spare_beside(table, spare):
     """``table`` is being dropped: if the half page waiting in ``spare`` is its page-mate, forget it too, so
     that the page is freed instead of waiting, half dead, for a table that would hold it all (as a
@@ -346,7 +370,7 @@ def forget_spare_beside(table, spare):
         spare[w] = np.empty((0, table.shape[1]), np.int64)
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _regrow(table, new_cap, spare):
     """``table``'s records rehashed into a new table of ``new_cap`` rows (``spare``: see ``new_records``)."""
     new = new_records(new_cap, table.shape[1], spare)
@@ -362,7 +386,7 @@ def _regrow(table, new_cap, spare):
     return new
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=CACHE, _nrt=False)
 def _entry_limit(cap, max_entries):
     limit = (cap * MAX_LOAD_NUM) // MAX_LOAD_DEN
     if max_entries > 0 and max_entries < limit:
@@ -370,7 +394,7 @@ def _entry_limit(cap, max_entries):
     return limit
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _grown_capacity(cap, used, extra, max_entries):
     """The capacity ``_room_for`` gives a table of ``cap`` rows holding ``used`` records for ``extra`` more:
     ``cap`` itself when it needs no growth or may not grow."""
@@ -385,7 +409,7 @@ def _grown_capacity(cap, used, extra, max_entries):
     return max(cap, table_capacity_for(grown))
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _room_for(table, used, extra, max_entries, spare):
     """``table`` or a grown copy in which ``extra`` more records fit (doubling, so growth is amortised
     O(1) per record), never grown past what ``max_entries`` needs."""
@@ -395,7 +419,7 @@ def _room_for(table, used, extra, max_entries, spare):
     return _regrow(table, cap, spare)
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=CACHE, _nrt=False)
 def _pair_row(pairs, pf, meta, s, limit):
     """Row of pair ``pf`` in ``pairs``, inserted with count 0 if new; -1 if new and the table is full."""
     pi = _probe(pairs, pf)
@@ -410,7 +434,7 @@ def _pair_row(pairs, pf, meta, s, limit):
     return pi
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=CACHE, _nrt=False)
 def _new_key(s, keys, ki, fp, token, total, meta, max_entries):
     """Store key ``fp`` in the empty row ``-1 - ki`` (what ``_probe`` returned) with one successor ``token``;
     ``total`` is 1, or ``-1 - position`` for a key of the request's own tables seen once (see ``_consume``).
@@ -427,7 +451,7 @@ def _new_key(s, keys, ki, fp, token, total, meta, max_entries):
     return True
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=CACHE, _nrt=False)
 def _count(s, ki, fp, token, keys, pairs, meta, max_entries):
     """Count one more occurrence of ``token`` after the key ``fp`` stored in row ``ki`` (total >= 1)."""
     top = keys[ki, KEY_TOP]
@@ -454,7 +478,7 @@ def _count(s, ki, fp, token, keys, pairs, meta, max_entries):
             meta[s, META_DROPPED] += 1
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _consume(s, row, start, end, n_min, n_max, keys, pairs, spare, views, meta, max_entries, fps, child, sink,
              lazy):
     """Fold tokens ``row[start:end]`` (each as a successor of the keys before it) into slot ``s``.
@@ -516,7 +540,7 @@ def _consume(s, row, start, end, n_min, n_max, keys, pairs, spare, views, meta, 
     sink[0] += touched
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=CACHE, _nrt=False)
 def _cell(level, top_count, total):
     c = top_count
     b = 0
@@ -528,12 +552,12 @@ def _cell(level, top_count, total):
     return (level * COUNT_BUCKETS + b) * SHARE_BUCKETS + sb
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def _cell_probability(cell_stats, cell):
     return (cell_stats[cell, 1] + PRIOR_ACCEPTED) / (cell_stats[cell, 0] + PRIOR_REACHED)
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=CACHE, _nrt=False)
 def _feedback(s, row, start, end, last_draft, last_cell, meta, calib, level_stats, cell_stats, accepted_total):
     """Score the previous draft of slot ``s`` against the tokens the target model produced.
 
@@ -566,7 +590,7 @@ def _feedback(s, row, start, end, last_draft, last_cell, meta, calib, level_stat
     accepted_total[0] += accepted
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=CACHE, _nrt=False)
 def _lookup(kt, fps, longest, n_min, n_max, min_count, min_share, level_rows):
     """Highest level whose key (fingerprint ``fps[n - 1]``, keys up to length ``longest``) is in the table
     (one that stores every key: the cross-request table) and passes the gate.
@@ -596,7 +620,7 @@ def _lookup(kt, fps, longest, n_min, n_max, min_count, min_share, level_rows):
     return -1, 0, 0, 0, matched
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=CACHE, _nrt=False)
 def _lookup_own(kt, pt, fps, longest, n_min, n_max, min_count, min_share, chain, chain_len, context,
                 win_start, win_end, win_fps, level_rows, cand_token, cand_count):
     """``_lookup`` for a request's own tables, which hold ``context[:win_start]`` lazily (see ``_consume``),
@@ -694,7 +718,7 @@ def _lookup_own(kt, pt, fps, longest, n_min, n_max, min_count, min_share, chain,
     return -1, 0, 0, 0, matched
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=CACHE, _nrt=False)
 def _draft(s, g, r, context, num_tokens, k, n_min, n_max, min_count, min_share, cross_min_count, stop_probability,
            own, own_pairs, cross, last_draft, last_cell, meta, calib, level_stats, cell_stats, buf, fps, out,
            win_start, win_fps, level_rows, cand_token, cand_count):
@@ -770,7 +794,7 @@ def _draft(s, g, r, context, num_tokens, k, n_min, n_max, min_count, min_share, 
     return n_out
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def reset_slot(s, keys, pairs, meta, calib, level_stats, last_draft, last_cell):
     """Erase every trace of slot ``s``'s previous request (tables keep their capacity)."""
     keys[s][:] = 0
@@ -782,7 +806,7 @@ def reset_slot(s, keys, pairs, meta, calib, level_stats, last_draft, last_cell):
     last_cell[s, :] = 0
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _grow_context(s, end, contexts, views):
     """Make slot ``s``'s context array hold ``end`` tokens: grown by doubling, and with room for a few decode
     steps after a prompt (each growth costs a step the dispatch of ``prepare_rows``)."""
@@ -794,7 +818,7 @@ def _grow_context(s, end, contexts, views):
         _set_view(views, s, VIEW_CONTEXT, grown)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def _row_length(num_tokens, r, width):
     """Row ``r``'s context length, clamped to ``[0, width]``: a count beyond the row drafts from the row, and
     a negative one is an empty context (without the lower clamp, such a row asked for an allocation at
@@ -802,7 +826,7 @@ def _row_length(num_tokens, r, width):
     return max(0, min(num_tokens[r], width))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def _take_new_tokens(s, row, n, views, meta, last_draft, last_cell, calib, level_stats, cell_stats,
                      accepted_total):
     """Copy the row's tokens new since the last step into the slot's context (room made before) and score
@@ -816,7 +840,7 @@ def _take_new_tokens(s, row, n, views, meta, last_draft, last_cell, calib, level
     return context, seen
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def _add_pending(pending, i, s, start, end, cross_start):
     pending[i, 0] = s
     pending[i, 1] = start
@@ -824,7 +848,7 @@ def _add_pending(pending, i, s, start, end, cross_start):
     pending[i, 3] = cross_start
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def prepare_rows(token_ids, num_tokens, slots, n_min, n_max, max_entries, cross_slot, keys, pairs, spare, contexts,
                  views, meta, calib, level_stats, cell_stats, accepted_total, last_draft, last_cell, pending,
                  num_pending):
@@ -863,7 +887,7 @@ def prepare_rows(token_ids, num_tokens, slots, n_min, n_max, max_entries, cross_
     return num_pending, sink[0]
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _rows_ready(token_ids, num_tokens, slots, views, meta):
     """Whether ``step_batch`` can take every row without allocating (else ``prepare_rows`` comes first)."""
     for r in range(slots.size):
@@ -882,7 +906,7 @@ def _rows_ready(token_ids, num_tokens, slots, views, meta):
 # rows first, they overlap. Two rounds: the slots' small records (which the readiness check and the second
 # round read), then the context tails and the table cells.
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _prefetch_slot_records(slots, views, meta, calib, level_stats, last_draft, last_cell):
     for r in range(slots.size):
         s = slots[r]
@@ -896,7 +920,7 @@ def _prefetch_slot_records(slots, views, meta, calib, level_stats, last_draft, l
         _prefetch_row(last_cell, s)
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _prefetch_first_lookups(token_ids, num_tokens, slots, max_draft, n_min, n_max, views, cross, fps):
     for r in range(slots.size):
         s = slots[r]
@@ -913,7 +937,7 @@ def _prefetch_first_lookups(token_ids, num_tokens, slots, max_draft, n_min, n_ma
                 _prefetch_row(cross, fps[m] & (cross.shape[0] - 1))
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def step_batch(token_ids, num_tokens, slots, max_draft, max_len, n_min, n_max, min_count, min_share, cross_slot,
                cross_min_count, stop_probability, max_entries, cross_max_entries, views, meta, calib, level_stats,
                cell_stats, accepted_total, last_draft, last_cell, out_drafts, out_lens, draft_lengths, pending,
@@ -984,7 +1008,7 @@ def step_batch(token_ids, num_tokens, slots, max_draft, max_len, n_min, n_max, m
                                         views, meta)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=CACHE, nogil=True)
 def fold_pending(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, views, meta):
     """Fold what a ``step_batch`` left pending into the tables: each request's new tokens into its own
     tables, its generated tokens into the cross-request table (cleared and restarted when it reaches
@@ -1013,7 +1037,7 @@ def fold_pending(pending, n_min, n_max, max_entries, cross_slot, cross_max_entri
     return sink[0]
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _clear_tables(s, views, meta):
     _key_table(views, s)[:] = 0
     _pair_table(views, s)[:] = 0
@@ -1022,7 +1046,7 @@ def _clear_tables(s, views, meta):
     meta[s, META_CLEARS] += 1
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def _fold_records(start, end, n_min, n_max):
     """The most (key, pair) records that folding tokens ``start..end-1`` of a context can add to a table: a
     position with ``levels`` keys ending before it adds at most ``levels + 1`` keys (a new one, and the longer
@@ -1037,7 +1061,7 @@ def _fold_records(start, end, n_min, n_max):
     return keys, pairs
 
 
-@njit(cache=True, inline="always")
+@njit(cache=CACHE, inline="always")
 def _grows(views, meta, s, keys, pairs, max_entries):
     """Whether ``keys`` and ``pairs`` more records could make one of slot ``s``'s tables grow."""
     kcap = views[s, VIEW_KEYS + 1]
@@ -1046,7 +1070,7 @@ def _grows(views, meta, s, keys, pairs, max_entries):
             or _grown_capacity(pcap, meta[s, META_PAIRS], pairs, max_entries) != pcap)
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _reserve(s, keys_needed, pairs_needed, max_entries, keys, pairs, spare, views, meta):
     kt = _room_for(keys[s], meta[s, META_KEYS], keys_needed, max_entries, spare)
     if kt.shape[0] != views[s, VIEW_KEYS + 1]:
@@ -1058,7 +1082,7 @@ def _reserve(s, keys_needed, pairs_needed, max_entries, keys, pairs, spare, view
         _set_view(views, s, VIEW_PAIRS, pt)
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, spare, views, meta):
     """Walk the tables ``fold_pending(pending, ...)`` will write to, with the most records its tokens can add.
     With ``None`` for ``keys``, ``pairs`` and ``spare``: whether one of them would have to grow. With the lists
@@ -1084,7 +1108,7 @@ def _fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries
     return False
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def fold_needs_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, views, meta):
     """Whether ``fold_pending(pending, ...)`` could need a table to grow (then ``reserve_fold_room`` first).
     Counts the most records each token can add, so the room made may run ahead of what the fold uses."""
@@ -1092,7 +1116,7 @@ def fold_needs_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_en
                       meta)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=CACHE, nogil=True)
 def reserve_fold_room(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, keys, pairs, spare, views,
                       meta):
     """Grow the tables ``fold_pending(pending, ...)`` will write to, so that it allocates nothing. Releases the
