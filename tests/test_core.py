@@ -595,16 +595,16 @@ for name in dir(caching):
     cls = getattr(caching, name)
     if isinstance(cls, type) and hasattr(cls, "ensure_cache_path"):
         cls.ensure_cache_path = not_writable
-warnings = []
+messages = []
 class Records(logging.Handler):
     def emit(self, record):
-        warnings.append(record.getMessage())
+        messages.append(record.getMessage())
 logging.getLogger("vllm.anpd").addHandler(Records())
 import numpy as np
 from vllm_anpd.core import NgramTables, kernels, oracle
 from vllm_anpd.core.config import PAPER, AnpdParams
 assert kernels.CACHE is False
-assert len(warnings) == 1 and "NUMBA_CACHE_DIR" in warnings[0], warnings
+assert len(messages) == 1 and "NUMBA_CACHE_DIR" in messages[0], messages
 params = AnpdParams(**{**PAPER, "num_speculative_tokens": 4})
 tables = NgramTables(params, num_slots=2, max_batch=2)
 context = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]

@@ -196,7 +196,9 @@ def test_a_drafter_failure_costs_one_step_of_drafts(baseline, anpd_llm):
     _, _, ref_abort, *_ = baseline
 
     def fail_next_step(worker):  # nested, so that it is sent by value to the worker process
-        drafter = worker.model_runner.drafter
+        from vllm_anpd._vllm_compat import worker_drafter
+
+        drafter = worker_drafter(worker)
 
         def failing_step(*args, **kwargs):
             raise RuntimeError("injected drafter failure")

@@ -122,7 +122,7 @@ class AnpdProposer:
 
     def stats(self) -> dict:
         """ANPD's statistics: the tables' totals plus the lifecycle and adaptive-length figures."""
-        if not self.drafting_disabled:
+        if not self.drafting_disabled:  # once off, the proposer stops acting on requests: only reads here
             self._release_finished()
         st = self.tables.stats()
         st["tracked_requests"] = self.num_active_requests
@@ -140,15 +140,15 @@ class AnpdProposer:
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **_unused):
         """One draft per row of the batch (a list of token ids, possibly empty), for vLLM to verify."""
-        if self.drafting_disabled:
-            return [[] for _ in range(len(sampled_token_ids))]
-        try:
-            return self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
-        except Exception:
-            return self._recover(len(sampled_token_ids))
+        if not self.drafting_disabled:
+            try:
+                return self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+            except Exception:
+                self._recover()
+        return [[] for _ in range(len(sampled_token_ids))]
 
-    def _recover(self, batch: int) -> list:
-        """After a failure in ``_propose``: log it, restart the drafter, and give this step no drafts.
+    def _recover(self) -> None:
+        """After a failure in ``_propose``: log it and restart the drafter; the step gets no drafts.
 
         Drafts only speed decoding up: vLLM verifies every draft token on the target model, and a step without
         drafts is plain decoding. So an error in the drafter (a bug, memory) costs speed, never outputs, and
@@ -161,7 +161,7 @@ class AnpdProposer:
             logger.exception("ANPD: drafting failed (failure %d of %d); speculative decoding proposes nothing "
                              "more in this engine: outputs are unchanged, without ANPD's speed-up. Please "
                              "report this traceback.", self.failures, MAX_FAILURES)
-            return [[] for _ in range(batch)]
+            return
         logger.exception("ANPD: drafting failed (failure %d; at %d, drafting stops for this engine). This step "
                          "goes without drafts (outputs unchanged); the drafter restarts from the requests' "
                          "contexts.", self.failures, MAX_FAILURES)
@@ -171,7 +171,6 @@ class AnpdProposer:
             self.drafting_disabled = True
             logger.exception("ANPD: the drafter could not restart; speculative decoding proposes nothing more "
                              "in this engine (outputs unchanged).")
-        return [[] for _ in range(batch)]
 
     def _propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu):
         # Per-row work here is done in C-level passes (map, zip, numpy): with warm caches a Python loop over the
