@@ -415,7 +415,8 @@ def test_a_failure_in_propose_gives_a_step_without_drafts_and_the_drafter_recove
 
 def test_a_failed_fold_is_recovered(anpd_log, monkeypatch):
     """The tables learn a step's tokens after its drafts (the fold), on the fold thread or in the step. A fold
-    that fails there surfaces at the next call's wait for it, here in the same call: either call recovers."""
+    that fails on the thread surfaces at the next call (its wait for the fold), one that fails in the step in
+    the same call: either call recovers."""
     import vllm_anpd.core.tables as tables_module
 
     p, runner = make_proposer()
