@@ -13,6 +13,8 @@ Configurations (each run in its own engine process, one after the other, in roun
 * ``anpd-zero``: ANPD with a gate no successor passes (speculative decoding on, no draft ever);
 * ``null``: a proposer that returns no draft and does nothing else (``bench/fixed_length_proposer.py``, whose
   default schedule is 0): speculative decoding on, vLLM's own share of ``anpd-zero``'s cost;
+* ``null-vllm``: ``null`` with the plugin off (``VLLM_ANPD_DISABLE=1``): vLLM's speculative path without
+  the plugin's fixes for vLLM CPU (README, "vLLM CPU fixes the plugin carries");
 * ``anpd``: ANPD's defaults (verify cost measured from the engine's step times);
 * ``anpd-fixed``: ANPD with the verify cost fixed at its configured 0.07 (``anpd_measure_verify_cost: false``);
 * ``anpd-stop0.05``, ``anpd-stop0.1``: ANPD with that stop probability (the default's candidates);
@@ -23,8 +25,8 @@ Configurations (each run in its own engine process, one after the other, in roun
   BENCHMARKS.md on the engine, each adding one component: the paper's ANPD (levels n = 2..5, fixed k, no
   shared table), levels up to n = 7, the adaptive stop probability, the batch-aware budget (verify cost
   measured on the engine), the shared cross-request table (= ANPD's defaults).
-Spec-Bench first turns (``--per-category``, 5 by default: the engine benchmark's batched set), greedy,
-float32, max_tokens 128 (``--max-tokens``),
+Spec-Bench first turns (``--per-category``, 5 by default: the engine benchmark's batched set), greedy
+(``--temperature`` samples, one seed per request), float32, max_tokens 128 (``--max-tokens``),
 closed loop with ``--batch`` requests in flight (``engine_bench.run_phase``). Appends one JSON line per run to
 results/batch_ab.jsonl (lines of 2026-11-23 count engine steps in ``steps``; later ones give ``mat``; lines
 from 2026-11-27 afternoon on name their ``machine``, earlier ones do not; from 2026-11-27 night on, ``propose_us``
@@ -59,6 +61,8 @@ CONFIGS = {
     # A proposer that never drafts and does no work: what vLLM's speculative path costs by itself.
     "null": ({"method": "custom_class", "model": "vllm_anpd.bench.fixed_length_proposer.FixedLengthProposer",
               "num_speculative_tokens": 5}, {}),
+    "null-vllm": ({"method": "custom_class", "model": "vllm_anpd.bench.fixed_length_proposer.FixedLengthProposer",
+                   "num_speculative_tokens": 5}, {}),
     "anpd": ({"method": "anpd", "num_speculative_tokens": 5}, {}),
     "anpd-fixed": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_measure_verify_cost": False}, {}),
     "anpd-stop0.05": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_stop_probability": 0.05}, {}),
@@ -78,7 +82,8 @@ CONFIGS = {
 DEFAULT_CONFIGS = ("none", "none-sync", "anpd-zero", "anpd")
 
 
-def run_one(name: str, batch: int, n_prompts: int, per_category: int, max_tokens: int = 128) -> dict:
+def run_one(name: str, batch: int, n_prompts: int, per_category: int, max_tokens: int = 128,
+            temperature: float = 0.0) -> dict:
     sys.path.insert(0, str(HERE))
     import engine_bench
     from vllm import LLM, SamplingParams
@@ -86,10 +91,14 @@ def run_one(name: str, batch: int, n_prompts: int, per_category: int, max_tokens
     from vllm_anpd import models
 
     spec, extra = CONFIGS[name]
-    if name == "null":
+    if name in ("null", "null-vllm"):
         from vllm_anpd.bench import fixed_length_proposer
 
         os.environ[fixed_length_proposer.ENV] = "0"  # never a draft, whatever the caller's environment says
+    if name == "null-vllm":
+        from vllm_anpd import plugin
+
+        os.environ[plugin.DISABLE_ENV] = "1"  # read by the plugin in every engine process, spawned after this
     prompts = [p["prompt_ids"] for p in engine_bench.load_prompts(argparse.Namespace(full=False), per_category)]
     prompts = prompts[:n_prompts]
     llm = LLM(speculative_config=spec, disable_log_stats=False,
@@ -99,7 +108,8 @@ def run_one(name: str, batch: int, n_prompts: int, per_category: int, max_tokens
     if spec:
         llm.collective_rpc("anpd_time_drafter")  # the wall time of each propose call, as the engine pays it
     # The engine benchmark's closed loop (at most `batch` requests in flight), so both measure alike.
-    phase = engine_bench.run_phase(llm, {"method": name, "spec": spec, "max_tokens": max_tokens},
+    phase = engine_bench.run_phase(llm, {"method": name, "spec": spec, "max_tokens": max_tokens,
+                                         "temperature": temperature},
                                    {"prompts": prompts, "batch": batch}, has_drafter=False)
     tokens = sum(len(t) for t in phase["tokens"])
     step_cost = propose_us = None
@@ -110,7 +120,8 @@ def run_one(name: str, batch: int, n_prompts: int, per_category: int, max_tokens
         propose_us = {"calls": int(calls.size), "median": float(np.median(calls)), "mean": float(calls.mean()),
                       "p90": float(np.percentile(calls, 90))}
     return dict(step_cost=step_cost, propose_us=propose_us, name=name, batch=batch, prompts=n_prompts,
-                per_category=per_category, max_tokens=max_tokens, elapsed=phase["elapsed"], tokens=tokens,
+                per_category=per_category, max_tokens=max_tokens, temperature=temperature,
+                elapsed=phase["elapsed"], tokens=tokens,
                 mat=tokens / sum(phase["steps"]), tok_s=tokens / phase["elapsed"], counters=phase["counters"])
 
 
@@ -123,6 +134,8 @@ def check_prompt_set(ap: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
     if args.batch < 1:
         ap.error(f"--batch {args.batch}: must be >= 1")
+    if not 0.0 <= args.temperature <= 2.0:
+        ap.error(f"--temperature {args.temperature}: must be between 0 (greedy) and 2")
     if args.per_category < 1:
         ap.error(f"--per-category {args.per_category}: must be >= 1")
     available = len(specbench.stratified(specbench.load_questions(), args.per_category))
@@ -143,6 +156,8 @@ def main() -> None:
     ap.add_argument("--per-category", type=int, default=5, help="Spec-Bench prompts per category")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy (default); above 0, sampled with one seed per request")
     # The default is the first comparison this script ran (README: "none vs ANPD with and without drafts");
     # every configuration added since is asked for by name.
     ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=list(CONFIGS))
@@ -150,7 +165,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:  # its arguments come from the parent below, already checked
         print("RESULT " + json.dumps(run_one(args.worker, args.batch, args.prompts, args.per_category,
-                                                 args.max_tokens)),
+                                                 args.max_tokens, args.temperature)),
               flush=True)
         return
     check_prompt_set(ap, args)
@@ -165,7 +180,7 @@ def main() -> None:
     for name in tqdm(jobs, desc="engine runs"):
         proc = subprocess.run([sys.executable, __file__, "--worker", name, "--batch", str(args.batch),
                                "--prompts", str(args.prompts), "--per-category", str(args.per_category),
-                               "--max-tokens", str(args.max_tokens)],
+                               "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature)],
                               capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:

@@ -90,8 +90,13 @@ def run_phase(llm, job, phase, has_drafter) -> dict:
     from vllm import SamplingParams
 
     engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
+    # Greedy by default (outputs then equal across methods, and are checked). With a temperature, each
+    # request has its own seed, but its tokens still depend on the drafts (rejection sampling): equal in
+    # distribution only, so they are not compared.
+    temperature = job.get("temperature", 0.0)
     prompts, batch = phase["prompts"], phase["batch"]
+    params = [SamplingParams(temperature=temperature, max_tokens=job["max_tokens"],
+                             seed=i if temperature > 0 else None) for i in range(len(prompts))]
     before = counters(llm)
     drafter_before = drafter_seconds(llm) if has_drafter else 0.0
     steps = [0] * len(prompts)
@@ -101,7 +106,8 @@ def run_phase(llm, job, phase, has_drafter) -> dict:
     t0 = time.perf_counter()
     while next_prompt < len(prompts) or engine.has_unfinished_requests():
         while in_flight < batch and next_prompt < len(prompts):
-            engine.add_request(f"b{batch}-{next_prompt}", {"prompt_token_ids": prompts[next_prompt]}, params)
+            engine.add_request(f"b{batch}-{next_prompt}", {"prompt_token_ids": prompts[next_prompt]},
+                               params[next_prompt])
             next_prompt += 1
             in_flight += 1
         for out in engine.step():

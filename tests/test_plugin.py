@@ -758,8 +758,10 @@ def test_cpu_fixes_do_nothing_off_the_cpu_platform(monkeypatch):
     monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if not isinstance(f, _vllm_compat._PatchOnImport)])
     monkeypatch.delitem(sys.modules, _vllm_compat.CPU_RUNNER_MODULE, raising=False)
     monkeypatch.delitem(sys.modules, _vllm_compat.TOP_K_MODULE, raising=False)
+    monkeypatch.delitem(sys.modules, _vllm_compat.REJECTION_SAMPLER_MODULE, raising=False)
     assert not _vllm_compat.fix_cpu_seeded_chunked_prefill()
     assert not _vllm_compat.fix_cpu_top_k_without_drafts()
+    assert not _vllm_compat.fix_cpu_recovered_token_noise()
     assert not any(isinstance(f, _vllm_compat._PatchOnImport) for f in sys.meta_path)
 
 
@@ -819,6 +821,75 @@ def test_cpu_runner_and_top_k_are_fixed_when_a_worker_imports_them():
     run = subprocess.run([sys.executable, "-c", FIXES_IN_A_WORKER], capture_output=True, text=True, env=env,
                          timeout=300)
     assert run.returncode == 0 and "runner and sampler fixed" in run.stdout, run.stderr[-3000:]
+
+
+# --- vLLM CPU: noise for recovered tokens --------------------------------------------------------------
+
+RECOVERED_IN_A_WORKER = """
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from vllm.plugins import load_general_plugins
+from vllm.platforms import current_platform
+
+load_general_plugins()
+current_platform.register_triton_kernel_overrides()  # the CPU kernel that reads the noise
+from vllm.v1.sample import rejection_sampler
+
+fixed = rejection_sampler.sample_recovered_tokens
+assert fixed._anpd_fixed
+original = fixed.__wrapped__
+V = 1000
+torch.manual_seed(0)
+probs = torch.softmax(3 * torch.randn(6, V), dim=-1)
+draft = torch.randint(0, V, (6,), dtype=torch.int32)
+
+
+def batch(temperature, seeded):
+    return SimpleNamespace(temperature=torch.tensor(temperature),
+                           generators={i: torch.Generator().manual_seed(10 + i) for i in seeded})
+
+
+# Rows: seeded with 2 drafts, seeded without, seeded with 3, greedy with 1 (its recovered token is never used).
+drafts, cu = [2, 0, 3, 1], torch.tensor([2, 2, 5, 6], dtype=torch.int32)
+vllms, ours = batch([1.0, 0.7, 1.0, 0.0], (0, 1, 2)), batch([1.0, 0.7, 1.0, 0.0], (0, 1, 2))
+want = original(5, drafts, cu, draft, None, probs, vllms, "cpu")
+default_state = torch.get_rng_state()
+got = fixed(5, drafts, cu, draft, None, probs, ours, "cpu")
+assert got[:5].tolist() == want[:5].tolist(), (got, want)
+assert all(torch.equal(vllms.generators[i].get_state(), ours.generators[i].get_state()) for i in range(3))
+assert torch.equal(torch.get_rng_state(), default_state)  # every sampled row with drafts has its own generator
+
+# No draft in the batch (most steps at high batch): nothing drawn at all.
+none = batch([1.0, 1.0], (0,))
+seeded_state = none.generators[0].get_state()
+out = fixed(5, [0, 0], torch.tensor([0, 0], dtype=torch.int32), torch.empty(0, dtype=torch.int32), None,
+            torch.empty(0, V), none, "cpu")
+assert out.numel() == 0
+assert torch.equal(torch.get_rng_state(), default_state) and torch.equal(none.generators[0].get_state(), seeded_state)
+
+# An unseeded row: the recovered token follows the target distribution without the draft token.
+p = torch.tensor([[0.5, 0.2, 0.2, 0.1, 0.0]])
+counts = np.bincount([int(fixed(1, [1], torch.tensor([1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
+                                None, p, batch([1.0], ()), "cpu")[0]) for _ in range(4000)], minlength=5)
+assert np.abs(counts / 4000 - np.array([0.0, 0.4, 0.4, 0.2, 0.0])).max() < 0.04, counts
+print("recovered tokens as vLLM's")
+"""
+
+
+def test_recovered_tokens_draw_noise_only_for_sampled_rows_with_drafts_in_a_worker():
+    """vLLM draws ``batch x vocab`` exponential noise at every speculative step with a sampled request
+    (0.7 ms per request per step here, drafts or not). With the fix, in a fresh process like a spawned
+    worker: seeded rows give vLLM's recovered tokens and leave their generators as vLLM does; nothing is
+    drawn for greedy rows or rows without drafts; an unseeded row samples the right distribution."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != plugin.DISABLE_ENV}
+    run = subprocess.run([sys.executable, "-c", RECOVERED_IN_A_WORKER], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0 and "recovered tokens as vLLM's" in run.stdout, run.stderr[-3000:]
 
 
 def test_engine_kwargs_turn_off_unloadable_aot_compile_unless_the_user_set_it(monkeypatch):

