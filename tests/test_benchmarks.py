@@ -8,6 +8,7 @@ reference's end, and a modelled time equal to the baseline's when nothing is dra
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -215,6 +216,7 @@ def batch_ab_runs(monkeypatch, tmp_path):
     (["--batch", "64", "--per-category", "10"], "--prompts 48 is below --batch 64"),  # the default 48 prompts
     (["--batch", "8", "--per-category", "1", "--prompts", "14"], "--prompts 14: the set has 13"),
     (["--batch", "0", "--prompts", "8"], "--batch 0"),
+    (["--temperature", "-0.5"], "--temperature -0.5"),
 ])
 def test_batch_ab_refuses_a_prompt_set_that_cannot_give_its_batch(batch_ab_runs, monkeypatch, capsys, argv, named):
     """The closed loop never has more requests in flight than prompts: a batch-64 run on 48 prompts ran at
@@ -246,6 +248,52 @@ def test_batch_ab_default_is_the_documented_comparison(batch_ab_runs, monkeypatc
     batch_ab.main()
     assert started == ["none", "none-sync", "anpd-zero", "anpd"] * 2
     assert len((tmp_path / "batch_ab.jsonl").read_text().splitlines()) == 8
+
+
+def test_batch_ab_forwards_the_temperature_to_every_run(batch_ab_runs, monkeypatch):
+    batch_ab, started = batch_ab_runs
+    fake_run, commands = batch_ab.subprocess.run, []
+    monkeypatch.setattr(batch_ab.subprocess, "run", lambda cmd, **kw: (commands.append(cmd), fake_run(cmd, **kw))[1])
+    monkeypatch.setattr(sys, "argv", ["batch_ab.py", "--temperature", "0.7", "--configs", "none", "anpd",
+                                      "--repeats", "1"])
+    batch_ab.main()
+    workers = [c for c in commands if "--worker" in c]
+    assert [(c[c.index("--worker") + 1], c[c.index("--temperature") + 1]) for c in workers] == [
+        ("none", "0.7"), ("anpd", "0.7")]
+
+
+class _FakeEngine:
+    """What ``engine_bench.run_phase`` uses of ``LLM.llm_engine``: each request finishes after one token."""
+
+    def __init__(self):
+        self.added, self.pending = [], []
+
+    def add_request(self, request_id, prompt, params):
+        self.added.append(params)
+        self.pending.append(request_id)
+
+    def has_unfinished_requests(self):
+        return bool(self.pending)
+
+    def step(self):
+        done, self.pending = self.pending, []
+        return [SimpleNamespace(request_id=r, finished=True, outputs=[SimpleNamespace(token_ids=[7])]) for r in done]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_engine_bench_phase_is_greedy_or_seeded_per_request(temperature):
+    """Greedy by default (outputs comparable token for token); sampled runs give each request its own seed,
+    so two configurations sample alike wherever their drafts do not change the tokens."""
+    import engine_bench
+
+    engine = _FakeEngine()
+    llm = SimpleNamespace(llm_engine=engine, get_metrics=lambda: [])
+    job = {"method": "none", "spec": None, "max_tokens": 9}
+    job |= {"temperature": temperature} if temperature else {}
+    result = engine_bench.run_phase(llm, job, {"prompts": [[1, 2], [3], [4, 5]], "batch": 2}, has_drafter=False)
+    assert result["tokens"] == [[7], [7], [7]]
+    assert [(p.temperature, p.seed, p.max_tokens) for p in engine.added] == [
+        (temperature, i if temperature else None, 9) for i in range(3)]
 
 
 def test_engine_bench_refuses_a_batch_above_its_prompt_set(monkeypatch, capsys):
