@@ -1,6 +1,6 @@
 """The only module that touches vLLM internals. Each hook names what it mirrors in vLLM 0.32.
 
-Five things, each idempotent (CPU workers are spawned and run the plugin again):
+Six things, each idempotent (CPU workers are spawned and run the plugin again):
 
 1. ``install()`` swaps the ``SpeculativeConfig`` that ``vllm.engine.arg_utils.EngineArgs.
    create_speculative_config`` instantiates for ``AnpdSpeculativeConfig``: vLLM's class plus
@@ -357,7 +357,7 @@ def recovered_token_noise(num_draft_tokens, sampling_metadata, vocab_size: int, 
 
 def sample_recovered_tokens_drawing_for_drafted_rows(module):
     """``rejection_sampler.sample_recovered_tokens`` with the noise of ``recovered_token_noise``; the rest
-    (output buffer, kernel call) as vLLM's."""
+    (output buffer, kernel call, skipped when there is no draft token) as vLLM's."""
     original = getattr(module, "sample_recovered_tokens", None)
     if getattr(original, "_anpd_fixed", False):
         return original
@@ -397,8 +397,9 @@ def fix_cpu_recovered_token_noise() -> bool:
     ``sample_recovered_tokens``. That fills a ``batch x vocab`` tensor with exponential noise
     (``q.exponential_()``), then takes its reciprocal, although only the positions of draft tokens read it,
     each its own request's row. On a GPU that is microseconds; on the CPU, with a 49k vocabulary, 0.7 ms
-    per request per step on one thread (batch 32: ~23 ms, a tenth of a step here), paid even when no request
-    has a draft, so speculation started behind no speculation for sampled requests.
+    per request per step on one thread (batch 32: ~23 ms), paid even when no request has a draft: a
+    proposer that never drafts ran at 0.83x no speculation with sampled requests at batch 32 (BENCHMARKS.md
+    section 4, "Sampled requests").
 
     The fix replaces the module's ``sample_recovered_tokens`` (its one caller looks it up there). Rows with
     draft tokens get the same noise, in distribution, as vLLM's; a seeded request's row is drawn from its
