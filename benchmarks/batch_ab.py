@@ -53,16 +53,16 @@ _ANPD = {"method": "anpd", "num_speculative_tokens": 5}
 _NO_CROSS = {"anpd_cross_request_entries": 0}
 _NO_BUDGET = {**_NO_CROSS, "anpd_verify_cost": 0.0, "anpd_measure_verify_cost": False}
 _NO_STOP = {**_NO_BUDGET, "anpd_stop_probability": 0.0}
+_NULL = {"method": "custom_class", "model": "vllm_anpd.bench.fixed_length_proposer.FixedLengthProposer",
+         "num_speculative_tokens": 5}
 CONFIGS = {
     "none": (None, {}),
     "none-sync": (None, {"async_scheduling": False}),
     "anpd-zero": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_min_count": NEVER,
                    "anpd_cross_min_count": NEVER}, {}),
     # A proposer that never drafts and does no work: what vLLM's speculative path costs by itself.
-    "null": ({"method": "custom_class", "model": "vllm_anpd.bench.fixed_length_proposer.FixedLengthProposer",
-              "num_speculative_tokens": 5}, {}),
-    "null-vllm": ({"method": "custom_class", "model": "vllm_anpd.bench.fixed_length_proposer.FixedLengthProposer",
-                   "num_speculative_tokens": 5}, {}),
+    "null": (_NULL, {}),
+    "null-vllm": (_NULL, {}),  # the plugin is turned off in run_one
     "anpd": ({"method": "anpd", "num_speculative_tokens": 5}, {}),
     "anpd-fixed": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_measure_verify_cost": False}, {}),
     "anpd-stop0.05": ({"method": "anpd", "num_speculative_tokens": 5, "anpd_stop_probability": 0.05}, {}),

@@ -355,10 +355,9 @@ def recovered_token_noise(num_draft_tokens, sampling_metadata, vocab_size: int, 
     return inv_q
 
 
-def sample_recovered_tokens_drawing_for_drafted_rows(module):
-    """``rejection_sampler.sample_recovered_tokens`` with the noise of ``recovered_token_noise``; the rest
-    (output buffer, kernel call, skipped when there is no draft token) as vLLM's."""
-    original = getattr(module, "sample_recovered_tokens", None)
+def sample_recovered_tokens_drawing_for_drafted_rows(original, module):
+    """``original`` (``module.sample_recovered_tokens``) with the noise of ``recovered_token_noise``; the rest
+    (output buffer, ``module``'s kernel call, skipped when there is no draft token) as vLLM's."""
     if getattr(original, "_anpd_fixed", False):
         return original
 
@@ -380,11 +379,9 @@ def sample_recovered_tokens_drawing_for_drafted_rows(module):
 
 
 def _fix_rejection_sampler_module(module) -> None:
-    if getattr(module, "sample_recovered_tokens", None) is None or not hasattr(module, "_sample_recovered_tokens"):
-        logger.warning("vllm_anpd: %s.sample_recovered_tokens not found; the noise for recovered tokens is "
-                       "drawn as vLLM does.", module.__name__)
-        return
-    module.sample_recovered_tokens = sample_recovered_tokens_drawing_for_drafted_rows(module)
+    _wrap_attribute(module, "sample_recovered_tokens",
+                    functools.partial(sample_recovered_tokens_drawing_for_drafted_rows, module=module),
+                    module.__name__, "speculative steps with sampled requests")
 
 
 def fix_cpu_recovered_token_noise() -> bool:
