@@ -1,9 +1,14 @@
-"""Reference greedy outputs for the replay simulator: vLLM itself, no speculation, on the real model.
+"""Reference outputs for the replay simulator: vLLM itself, no speculation, on the real model.
 
-    python benchmarks/make_references.py [--max-tokens 256] [--limit N]
+    python benchmarks/make_references.py [--max-tokens 256] [--limit N] [--temperature T]
 
 Writes ``$VLLM_ANPD_CACHE/references/specbench_t{max_tokens}.jsonl`` (outside the repo): one line per
 Spec-Bench first turn with the prompt token ids and the greedy output token ids (float32).
+
+With ``--temperature T > 0`` the outputs are sampled instead (request ``i`` seeded with ``i``), into
+``specbench_t{max_tokens}_temp{T}.jsonl``. Replaying them is exact in distribution for sampled requests: vLLM
+accepts a draft token (its own proposal, no draft probabilities) with probability ``p(draft)``, and a token
+sampled from ``p`` equals the draft with that same probability; both then go on with a sample of ``p``.
 """
 
 from __future__ import annotations
@@ -16,14 +21,24 @@ from pathlib import Path
 from vllm_anpd import models, specbench
 
 
-def reference_path(max_tokens: int) -> Path:
-    return models.cache_dir() / "references" / f"specbench_t{max_tokens}.jsonl"
+def reference_path(max_tokens: int, temperature: float = 0.0) -> Path:
+    sampled = f"_temp{temperature:g}" if temperature else ""
+    return models.cache_dir() / "references" / f"specbench_t{max_tokens}{sampled}.jsonl"
+
+
+def temperature_arg(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 2.0:
+        raise argparse.ArgumentTypeError(f"--temperature {text}: must be in [0, 2]")
+    return value
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--limit", type=int, default=0, help="first N questions only (0: all 480)")
+    ap.add_argument("--temperature", type=temperature_arg, default=0.0,
+                    help="0: greedy (default); else sampled, request i seeded with i")
     args = ap.parse_args()
     from vllm import LLM, SamplingParams
 
@@ -34,9 +49,11 @@ def main():
     tok = llm.get_tokenizer()
     prompts = [specbench.chat_prompt(tok, q.text) for q in questions]
     t0 = time.time()
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens), use_tqdm=True)
+    params = [SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
+                             seed=i if args.temperature else None) for i in range(len(prompts))]
+    outs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.time() - t0
-    path = reference_path(args.max_tokens)
+    path = reference_path(args.max_tokens, args.temperature)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:

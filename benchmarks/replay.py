@@ -9,6 +9,9 @@ equal to the reference continuation, plus one token of the target's own (the bon
 never past the reference's end. MAT = output tokens / target forward steps (prefill included).
 vLLM's own ``NgramProposer`` (imported from the installed vLLM) runs on the identical arrays.
 
+``--temperature T`` replays sampled outputs (``make_references.py --temperature T``) instead: exact in
+distribution for sampled requests (see make_references.py), so one set of samples serves every drafter.
+
 Writes ``benchmarks/results/replay.json`` and ``replay.md`` (per category), prints the table.
 """
 
@@ -25,17 +28,19 @@ from types import SimpleNamespace
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_references import reference_path  # noqa: E402
+from make_references import reference_path, temperature_arg  # noqa: E402
 
 from vllm_anpd.core import AnpdParams, BatchBudget, NgramTables  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def load_references(max_tokens: int = 256):
-    path = reference_path(max_tokens)
+def load_references(max_tokens: int = 256, temperature: float = 0.0):
+    path = reference_path(max_tokens, temperature)
     if not path.exists():
-        raise SystemExit(f"{path} missing: run  python benchmarks/make_references.py --max-tokens {max_tokens}")
+        sampled = f" --temperature {temperature:g}" if temperature else ""
+        raise SystemExit(f"{path} missing: run  python benchmarks/make_references.py --max-tokens {max_tokens}"
+                         f"{sampled}")
     return [json.loads(line) for line in open(path)]
 
 
@@ -278,12 +283,14 @@ def main():
                     help="target step time model a + b x tokens (benchmarks/results/cost_model.json)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--temperature", type=temperature_arg, default=0.0,
+                    help="replay sampled references (make_references.py --temperature T) instead of greedy ones")
     ap.add_argument("--anpd", type=str, default="{}", help="JSON of AnpdParams overrides")
     ap.add_argument("--no-ngram", action="store_true", help="skip vLLM's ngram grid")
     ap.add_argument("--no-suffix", action="store_true", help="skip vLLM's suffix method")
     ap.add_argument("--out", type=str, default="replay")
     args = ap.parse_args()
-    refs = load_references(args.max_tokens)
+    refs = load_references(args.max_tokens, args.temperature)
     if args.limit:
         refs = refs[: args.limit]
     corpus = Corpus(refs)

@@ -262,6 +262,36 @@ def test_batch_ab_forwards_the_temperature_to_every_run(batch_ab_runs, monkeypat
         ("none", "0.7"), ("anpd", "0.7")]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+def test_sampled_references_have_their_own_file_and_the_replay_names_the_command(temperature, monkeypatch,
+                                                                                  tmp_path):
+    """Greedy and sampled references must never be mixed up: a replay of a missing set names the exact
+    command that makes it."""
+    import make_references
+    import replay as replay_module
+
+    monkeypatch.setattr(make_references.models, "cache_dir", lambda: tmp_path)
+    path = make_references.reference_path(256, temperature)
+    assert path == tmp_path / "references" / ("specbench_t256.jsonl" if not temperature
+                                              else f"specbench_t256_temp{temperature:g}.jsonl")
+    with pytest.raises(SystemExit, match="make_references.py --max-tokens 256"
+                                         + (f" --temperature {temperature:g}" if temperature else "$")):
+        replay_module.load_references(256, temperature)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"prompt_ids": [1], "output_ids": [2]}\n')
+    assert replay_module.load_references(256, temperature) == [{"prompt_ids": [1], "output_ids": [2]}]
+
+
+@pytest.mark.parametrize("text", ["-0.1", "2.5", "nan"])
+def test_make_references_refuses_a_temperature_out_of_range(text):
+    import argparse
+
+    import make_references
+
+    with pytest.raises(argparse.ArgumentTypeError, match=f"--temperature {text}: must be in"):
+        make_references.temperature_arg(text)
+
+
 class _FakeEngine:
     """What ``engine_bench.run_phase`` uses of ``LLM.llm_engine``: each request finishes after one token."""
 

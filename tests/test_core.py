@@ -729,6 +729,38 @@ def test_a_request_that_stopped_drafting_gets_another_chance():
     assert resumed and all(d == [last + 1] for last, d in resumed)  # and it drafts again, from the prompt
 
 
+def test_the_token_the_stop_probability_kept_out_is_scored_without_being_drafted():
+    """A draft cut by the stop probability leaves its next token as a shadow: scored in its cell against the
+    target's token where verification would have compared it, when every draft token before it was
+    accepted. It is not a draft token: the statistics and the batch budget's total do not count it."""
+    p = AnpdParams(num_speculative_tokens=4, n_min=2, n_max=2, stop_probability=0.5, cross_request_entries=0)
+    t = make_tables(p)
+    cell = kernels._cell(0, 1, 1)  # every successor below was seen once
+    prompt = [1, 2, 3, 4, 5, 9, 1]
+
+    def two_steps(estimate, following):
+        """Draft after the prompt with the cell's record at ``estimate``, then see ``following``."""
+        s = t.acquire()
+        t.cell_stats[cell] = estimate
+        draft = run_single(t, s, prompt, 4)
+        drafted, accepted = t.stats()["drafted_tokens"], int(t.accepted_total[0])
+        run_single(t, s, prompt + following, 0)
+        record = t.cell_stats[cell].tolist()
+        assert t.stats()["drafted_tokens"] == drafted
+        assert t.accepted_total[0] - accepted == (draft[:1] == following[:1])
+        t.release(s)
+        return draft, record
+
+    # 0.70 drafts 2; 0.70 x 0.70 < 0.5 keeps 3 out. The model accepts 2 and says 3: both scored as accepted.
+    assert two_steps([1000, 700], [2, 3]) == ([2], [1002, 702])
+    assert two_steps([1000, 700], [2, 7]) == ([2], [1002, 701])  # ... says 7: the shadow missed
+    assert two_steps([1000, 700], [8]) == ([2], [1001, 700])  # 2 rejected: the shadow was not reached
+    # An empty draft (its first token kept out) scores its shadow against the next step's one token.
+    assert two_steps([1000, 100], [2]) == ([], [1001, 101])
+    assert two_steps([1000, 100], [5]) == ([], [1001, 100])
+    assert t.stats()["accepted_tokens"] == t.accepted_total[0] == 2
+
+
 def test_cross_request_table_is_bounded():
     p = AnpdParams(num_speculative_tokens=3, cross_request_entries=200)
     t = make_tables(p)
