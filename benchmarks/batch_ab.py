@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+import engine_bench  # the sampling convention shared by every benchmark (beside this script, on sys.path)
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 NEVER = 2**30  # a minimum count no successor reaches
@@ -84,8 +86,6 @@ DEFAULT_CONFIGS = ("none", "none-sync", "anpd-zero", "anpd")
 
 def run_one(name: str, batch: int, n_prompts: int, per_category: int, max_tokens: int = 128,
             temperature: float = 0.0) -> dict:
-    sys.path.insert(0, str(HERE))
-    import engine_bench
     from vllm import LLM, SamplingParams
 
     from vllm_anpd import models
@@ -134,8 +134,6 @@ def check_prompt_set(ap: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
     if args.batch < 1:
         ap.error(f"--batch {args.batch}: must be >= 1")
-    if not 0.0 <= args.temperature <= 2.0:
-        ap.error(f"--temperature {args.temperature}: must be between 0 (greedy) and 2")
     if args.per_category < 1:
         ap.error(f"--per-category {args.per_category}: must be >= 1")
     available = len(specbench.stratified(specbench.load_questions(), args.per_category))
@@ -156,7 +154,7 @@ def main() -> None:
     ap.add_argument("--per-category", type=int, default=5, help="Spec-Bench prompts per category")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
-    ap.add_argument("--temperature", type=float, default=0.0,
+    ap.add_argument("--temperature", type=engine_bench.temperature_arg, default=0.0,
                     help="0: greedy (default); above 0, sampled with one seed per request")
     # The default is the first comparison this script ran (README: "none vs ANPD with and without drafts");
     # every configuration added since is asked for by name.

@@ -32,6 +32,23 @@ sys.path.insert(0, str(HERE))
 METHODS = ["none", "ngram", "suffix", "anpd", "oracle"]
 
 
+def temperature_arg(text: str) -> float:
+    """``--temperature`` of the benchmarks that sample: 0 (greedy) to 2."""
+    value = float(text)
+    if not 0.0 <= value <= 2.0:
+        raise argparse.ArgumentTypeError(f"--temperature {text}: must be in [0, 2]")
+    return value
+
+
+def sampling_params(count: int, temperature: float, max_tokens: int) -> list:
+    """One request's params per prompt: greedy, or sampled with request ``i`` seeded with ``i`` (every sampled
+    benchmark and the sampled replay references share this, so their samples are alike)."""
+    from vllm import SamplingParams
+
+    return [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=i if temperature > 0 else None)
+            for i in range(count)]
+
+
 def speculative_config(method: str, k: int, args) -> dict | None:
     if method == "none":
         return None
@@ -87,7 +104,6 @@ def run_phase(llm, job, phase, has_drafter) -> dict:
     """At most ``batch`` requests in flight (a new one is added as soon as one finishes), as an engine with
     ``max_num_seqs = batch`` would schedule them."""
     from tqdm import tqdm
-    from vllm import SamplingParams
 
     engine = llm.llm_engine
     # Greedy by default (outputs then equal across methods, and are checked). With a temperature, each
@@ -95,8 +111,7 @@ def run_phase(llm, job, phase, has_drafter) -> dict:
     # distribution only, so they are not compared.
     temperature = job.get("temperature", 0.0)
     prompts, batch = phase["prompts"], phase["batch"]
-    params = [SamplingParams(temperature=temperature, max_tokens=job["max_tokens"],
-                             seed=i if temperature > 0 else None) for i in range(len(prompts))]
+    params = sampling_params(len(prompts), temperature, job["max_tokens"])
     before = counters(llm)
     drafter_before = drafter_seconds(llm) if has_drafter else 0.0
     steps = [0] * len(prompts)

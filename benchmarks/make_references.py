@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+from engine_bench import sampling_params, temperature_arg
+
 from vllm_anpd import models, specbench
 
 
@@ -25,12 +27,6 @@ def reference_path(max_tokens: int, temperature: float = 0.0) -> Path:
     sampled = f"_temp{temperature:g}" if temperature else ""
     return models.cache_dir() / "references" / f"specbench_t{max_tokens}{sampled}.jsonl"
 
-
-def temperature_arg(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 2.0:
-        raise argparse.ArgumentTypeError(f"--temperature {text}: must be in [0, 2]")
-    return value
 
 
 def main():
@@ -40,7 +36,7 @@ def main():
     ap.add_argument("--temperature", type=temperature_arg, default=0.0,
                     help="0: greedy (default); else sampled, request i seeded with i")
     args = ap.parse_args()
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     questions = specbench.load_questions()
     if args.limit:
@@ -49,9 +45,7 @@ def main():
     tok = llm.get_tokenizer()
     prompts = [specbench.chat_prompt(tok, q.text) for q in questions]
     t0 = time.time()
-    params = [SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
-                             seed=i if args.temperature else None) for i in range(len(prompts))]
-    outs = llm.generate(prompts, params, use_tqdm=True)
+    outs = llm.generate(prompts, sampling_params(len(prompts), args.temperature, args.max_tokens), use_tqdm=True)
     elapsed = time.time() - t0
     path = reference_path(args.max_tokens, args.temperature)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,8 @@ from types import SimpleNamespace
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_references import reference_path, temperature_arg  # noqa: E402
+from engine_bench import temperature_arg  # noqa: E402
+from make_references import reference_path  # noqa: E402
 
 from vllm_anpd.core import AnpdParams, BatchBudget, NgramTables  # noqa: E402
 

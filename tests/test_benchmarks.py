@@ -283,13 +283,13 @@ def test_sampled_references_have_their_own_file_and_the_replay_names_the_command
 
 
 @pytest.mark.parametrize("text", ["-0.1", "2.5", "nan"])
-def test_make_references_refuses_a_temperature_out_of_range(text):
+def test_sampling_benchmarks_refuse_a_temperature_out_of_range(text):
     import argparse
 
-    import make_references
+    import engine_bench
 
     with pytest.raises(argparse.ArgumentTypeError, match=f"--temperature {text}: must be in"):
-        make_references.temperature_arg(text)
+        engine_bench.temperature_arg(text)
 
 
 class _FakeEngine:

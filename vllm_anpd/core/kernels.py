@@ -764,7 +764,7 @@ def _draft(s, g, r, context, num_tokens, k, n_min, n_max, min_count, min_share, 
     # key that matched one token earlier: the levels above cannot match and are not probed. (Not for the
     # cross-request table, which holds generated tokens only, without the prompt tokens before them.)
     own_longest = n_max - 1
-    meta[s, META_SHADOW_CELL] = 0
+    shadow = -1
     for j in range(k):
         longest = min(blen, n_max - 1)
         key_fingerprints(buf, blen, longest, fps)
@@ -797,7 +797,7 @@ def _draft(s, g, r, context, num_tokens, k, n_min, n_max, min_count, min_share, 
         if path_p < stop_probability:
             meta[s, META_PROB_STOPS] += 1
             last_draft[s, j] = top  # not drafted, but scored at the next step (``_feedback``)
-            meta[s, META_SHADOW_CELL] = cell + 1
+            shadow = cell
             break
         out[r, j] = top
         last_draft[s, j] = top
@@ -807,6 +807,7 @@ def _draft(s, g, r, context, num_tokens, k, n_min, n_max, min_count, min_share, 
         blen += 1
         n_out += 1
     meta[s, META_LAST_DRAFT_LEN] = n_out
+    meta[s, META_SHADOW_CELL] = shadow + 1
     if n_out > 0:
         meta[s, META_DRAFTS] += 1
         meta[s, META_DRAFTED] += n_out
