@@ -56,12 +56,12 @@ def calibrate_drafts(args) -> None:
             dt = time.perf_counter() - t0
             if not outs or len(outs) != b or any(o.finished for o in outs):
                 continue
-            # This step verified the draft made when the request held one token less (all drafts are
-            # rejected: one new token per step); the proposer chose its length from that context length.
-            o = outs[0]
-            n_out = len(o.outputs[0].token_ids)
-            if n_out >= 2:
-                by_length[schedule[(len(o.prompt_token_ids) + n_out - 1) % len(schedule)]].append(dt)
+            # This step verified the drafts made when each request held one token less (all drafts are
+            # rejected: one new token per step); the proposer gave every row the length its schedule holds
+            # for the longest of those contexts.
+            if all(len(o.outputs[0].token_ids) >= 2 for o in outs):
+                longest = max(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outs)
+                by_length[schedule[longest % len(schedule)]].append(dt)
         for d in schedule:
             rows.append({"batch": b, "draft_len": d, "median_step_s": float(np.median(by_length[d])),
                          "steps": len(by_length[d])})

@@ -336,3 +336,21 @@ def test_engine_bench_refuses_a_batch_above_its_prompt_set(monkeypatch, capsys):
         engine_bench.main()
     assert exit_.value.code == 2
     assert "--batches 128" in capsys.readouterr().err
+
+
+def test_fixed_length_proposer_drafts_one_length_per_step_from_the_longest_context(monkeypatch):
+    """``calibrate_cost.py --drafts`` labels each step's time with one draft length, so every row of a step
+    must draft that length, even when the rows' contexts differ (prefills finished in different steps)."""
+    from vllm_anpd.bench import fixed_length_proposer as flp
+
+    monkeypatch.setenv(flp.ENV, "0,1,2,3,5")
+    config = SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=5))
+    proposer = flp.FixedLengthProposer(config)
+    # Contexts 12, 14 and 13 (row 1 sampled nothing: a partial prefill): the longest sampled one, 13 % 5 = 3.
+    drafts = proposer.propose([[7], [], [9]], np.array([12, 14, 13]), None)
+    assert drafts == [[0, 0, 0], [], [0, 0, 0]]
+    assert proposer.propose([[7], [8]], np.array([10, 11]), None) == [[0], [0]]  # 11 % 5 = 1
+    assert proposer.propose([[], []], np.array([10, 11]), None) == [[], []]
+    monkeypatch.setenv(flp.ENV, "0,6")
+    with pytest.raises(ValueError, match="VLLM_ANPD_DRAFT_SCHEDULE='0,6'"):
+        flp.FixedLengthProposer(config)

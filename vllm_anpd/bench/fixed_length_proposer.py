@@ -4,9 +4,13 @@ costs as a function of its draft tokens (``benchmarks/calibrate_cost.py --drafts
     {"method": "custom_class", "model": "vllm_anpd.bench.fixed_length_proposer.FixedLengthProposer",
      "num_speculative_tokens": 5}     with  VLLM_ANPD_DRAFT_SCHEDULE="0,1,2,3,5"
 
-A request whose context holds ``n`` tokens gets ``schedule[n % len(schedule)]`` draft tokens, all equal
-to token id 0, so they are rejected and every step adds exactly one token per request: the schedule advances
-one entry per step, and the step that verifies a draft costs what verifying that many tokens costs.
+Every row of a step gets the same number of draft tokens, ``schedule[n % len(schedule)]`` where ``n`` is the
+longest context among the rows that sampled a token, all equal to token id 0, so they are rejected and every
+step adds exactly one token per request: the schedule advances one entry per step, and the step that
+verifies a draft costs what verifying that many tokens per row costs. One length for the whole step, not
+one per row's own context: requests whose prefills finished in different steps (vLLM splits a batch's
+prompts over steps by its token budget) would otherwise draft different lengths in the same step, and a
+step's time could not be labelled with one length.
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ class FixedLengthProposer:
     def load_model(self, *args, **kwargs):
         pass
 
+    def draft_length(self, sampled_token_ids, num_tokens_no_spec) -> int:
+        """This step's draft length (see the module's docstring)."""
+        longest = max((int(num_tokens_no_spec[i]) for i, s in enumerate(sampled_token_ids) if len(s)), default=0)
+        return self.schedule[longest % len(self.schedule)]
+
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None, **_):
-        n = len(self.schedule)
-        return [[0] * self.schedule[int(num_tokens_no_spec[i]) % n] if sampled else []
-                for i, sampled in enumerate(sampled_token_ids)]
+        draft = [0] * self.draft_length(sampled_token_ids, num_tokens_no_spec)
+        return [list(draft) if len(sampled) else [] for sampled in sampled_token_ids]
