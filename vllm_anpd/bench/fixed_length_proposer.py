@@ -8,9 +8,9 @@ Every row of a step gets the same number of draft tokens, ``schedule[n % len(sch
 longest context among the rows that sampled a token, all equal to token id 0, so they are rejected and every
 step adds exactly one token per request: the schedule advances one entry per step, and the step that
 verifies a draft costs what verifying that many tokens per row costs. One length for the whole step, not
-one per row's own context: requests whose prefills finished in different steps (vLLM splits a batch's
-prompts over steps by its token budget) would otherwise draft different lengths in the same step, and a
-step's time could not be labelled with one length.
+one per row's own context: rows at different context lengths (requests whose prefills finished in different
+steps, say) would otherwise draft different lengths in the same step, and a step's time could not be labelled
+with one length.
 """
 
 from __future__ import annotations
