@@ -28,7 +28,6 @@ def reference_path(max_tokens: int, temperature: float = 0.0) -> Path:
     return models.cache_dir() / "references" / f"specbench_t{max_tokens}{sampled}.jsonl"
 
 
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=256)
