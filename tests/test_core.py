@@ -947,7 +947,7 @@ def test_only_folds_of_enough_rows_go_to_the_background_thread():
     k = np.full(6, 4, np.int32)
     for t in (background, sync):  # the prompts: built in the step (prepare_rows), nothing left to fold
         t.step(streams, np.full(6, 50, np.int32), slots[t], k)
-    assert not background._fold_thread._busy
+    assert not background._fold_thread.busy
     for step, rows in enumerate([6, 2, 2, 3, 1, 6, 4, 2]):  # every row has new tokens to fold
         n = np.full(rows, 53 + 3 * step, np.int32)
         got = {}
@@ -955,7 +955,7 @@ def test_only_folds_of_enough_rows_go_to_the_background_thread():
             drafts, lens = t.step(streams[:rows], n, slots[t][:rows], k[:rows])
             got[t] = [drafts[r, :lens[r]].tolist() for r in range(rows)]
         assert got[background] == got[sync], step
-        assert background._fold_thread._busy == (rows >= 3), (step, rows)
+        assert background._fold_thread.busy == (rows >= 3), (step, rows)
         background.settle()
     with pytest.raises(ValueError, match="background_fold_min_rows=0"):
         NgramTables(p, num_slots=1, fold_in_background=True, background_fold_min_rows=0)
@@ -998,6 +998,55 @@ def test_fold_thread_ends_with_its_tables_and_hands_errors_to_the_caller():
         worker.wait()
     worker.wait()  # reported once
     worker.stop()
+
+
+def test_a_forked_child_folds_on_a_thread_of_its_own():
+    """A thread does not survive ``fork``. In the child, a fold in flight in the parent at fork time is not
+    waited for (nothing would ever finish it), and the next fold starts the child's own thread: its drafts
+    are the parent's for the same steps. (The fork is noticed by a fork hook, not by a system call per step.)"""
+    p = _AnpdParams(num_speculative_tokens=4, cross_request_entries=0, stop_probability=0.0)
+    t = NgramTables(p, num_slots=4, max_batch=4, fold_in_background=True, background_fold_min_rows=1)
+    streams = np.random.default_rng(1).integers(0, 4, (4, 200)).astype(np.int32)
+    slots = np.array([t.acquire() for _ in range(4)], np.int32)
+    k = np.full(4, 4, np.int32)
+
+    def steps(first, count):
+        out = []
+        for n in range(first, first + count):
+            drafts, lens = t.step(streams, np.full(4, n, np.int32), slots, k)
+            out.append([drafts[r, :lens[r]].tolist() for r in range(4)])
+        return out
+
+    import time
+
+    steps(40, 5)
+    assert t._fold_thread.busy  # the last step's fold is not waited for at the fork ...
+    while t._fold_thread._done.empty():  # ... but done (a half-done one would leave the child half a fold)
+        time.sleep(0.001)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        code = 1
+        try:
+            t.settle()  # must not wait for the parent's fold
+            os.write(write_end, repr(steps(46, 6)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    t.settle()
+    expected = steps(46, 6)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung: it waited for a fold thread that does not exist there")
+    got = os.read(read_end, 1 << 16).decode()
+    os.close(read_end)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert got == repr(expected)
 
 
 @settings(max_examples=60, deadline=None)
