@@ -1004,6 +1004,8 @@ def test_a_forked_child_folds_on_a_thread_of_its_own():
     """A thread does not survive ``fork``. In the child, a fold in flight in the parent at fork time is not
     waited for (nothing would ever finish it), and the next fold starts the child's own thread: its drafts
     are the parent's for the same steps. (The fork is noticed by a fork hook, not by a system call per step.)"""
+    import time
+
     p = _AnpdParams(num_speculative_tokens=4, cross_request_entries=0, stop_probability=0.0)
     t = NgramTables(p, num_slots=4, max_batch=4, fold_in_background=True, background_fold_min_rows=1)
     streams = np.random.default_rng(1).integers(0, 4, (4, 200)).astype(np.int32)
@@ -1016,8 +1018,6 @@ def test_a_forked_child_folds_on_a_thread_of_its_own():
             drafts, lens = t.step(streams, np.full(4, n, np.int32), slots, k)
             out.append([drafts[r, :lens[r]].tolist() for r in range(4)])
         return out
-
-    import time
 
     steps(40, 5)
     assert t._fold_thread.busy  # the last step's fold is not waited for at the fork ...

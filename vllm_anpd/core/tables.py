@@ -84,8 +84,9 @@ def _grow_then_fold(args: tuple, owners: tuple | None, views: np.ndarray, meta: 
     K.fold_pending(*args, views, meta)
 
 
-# Forks of this process so far, counted in the child. A fold thread does not survive a fork; comparing this
-# count instead of calling os.getpid() keeps a system call off every step (~7 us right after a forward pass).
+# Forks of this process so far (``os.fork``, multiprocessing's included), counted in the child. A fold thread
+# does not survive a fork; comparing this count instead of calling os.getpid() keeps a system call off every
+# step (~7 us right after a forward pass).
 _forks_seen = 0
 
 
