@@ -4,7 +4,8 @@
     python benchmarks/batch_ab.py --batch 64 --per-category 10 --prompts 130 --configs none ngram suffix anpd
     python benchmarks/batch_ab.py --batch 1 --per-category 1 --prompts 13 --configs none ngram suffix anpd
 
-Configurations (each run in its own engine process, one after the other, in rounds, so drift hits all alike):
+Configurations (each run in its own engine process, one after the other, in rounds, each round's order rotated by
+one, so drift hits all alike):
 * ``none``: no speculation (vLLM then uses async scheduling);
 * ``none-sync``: no speculation, ``async_scheduling=False``. On a GPU this is what every CPU-side proposer
   gets (vLLM disables async scheduling for the ngram, suffix and custom_class methods). vLLM CPU turns
@@ -174,7 +175,10 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     measured_on = machine.describe()  # the file gathers runs of several machines: tok/s differ 2.5x between two VMs
     runs = []
-    jobs = [name for _ in range(args.repeats) for name in args.configs]
+    # Round i runs the configurations rotated by i: the VM drifts by ~10 % within minutes, and a fixed order
+    # charged the drift to whichever configuration came last (BENCHMARKS.md section 4, "Batch 1 again").
+    n = len(args.configs)
+    jobs = [name for i in range(args.repeats) for name in args.configs[i % n:] + args.configs[:i % n]]
     for name in tqdm(jobs, desc="engine runs"):
         proc = subprocess.run([sys.executable, __file__, "--worker", name, "--batch", str(args.batch),
                                "--prompts", str(args.prompts), "--per-category", str(args.per_category),
