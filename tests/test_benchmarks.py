@@ -186,6 +186,83 @@ def test_step_cost_results_name_their_machine_and_text(tmp_path, monkeypatch):
 
 
 
+
+def _core_ab_in(tmp_path, monkeypatch):
+    """``core_ab`` writing its results and its copies of base cores under ``tmp_path``."""
+    import core_ab
+
+    monkeypatch.setattr(core_ab, "RESULTS", tmp_path)
+    monkeypatch.setattr(core_ab, "cache_root", lambda: tmp_path / "cores")
+    return core_ab
+
+
+def test_core_ab_against_the_same_core_drafts_the_same_and_writes_its_files(tmp_path, monkeypatch):
+    """The in-process A/B of the core: against a copy of this checkout's own core, both sides draft the same
+    tokens at every step, and the results name the machine, the base and both sides' times."""
+    import json
+
+    import vllm_anpd.core
+
+    core_ab = _core_ab_in(tmp_path, monkeypatch)
+    core_dir = Path(vllm_anpd.core.__file__).parent
+    rows = core_ab.main(["--base-dir", str(core_dir), "--contexts", "300", "--batches", "1", "3", "--steps", "6",
+                         "--out", "tiny_ab"])
+    assert [(r["batch"], r["same_drafts"]) for r in rows] == [(1, True), (3, True)]
+    assert any(r["new_mean_draft"] > 0 for r in rows)  # steps that draft, not empty ones
+    assert all(r["base_us"] > 0 and r["new_us"] > 0 and r["new_over_base"] > 0 for r in rows)
+    result = json.loads((tmp_path / "tiny_ab.json").read_text())
+    assert result["base_package"].startswith("anpd_core_dir_") and result["machine"]["cpu"]
+    assert (tmp_path / "cores" / result["base_package"] / result["base_package"] / "kernels.py").exists()
+    assert (tmp_path / "tiny_ab.md").read_text().startswith("Measured on ")
+    assert (tmp_path / "tiny_ab.png").stat().st_size > 0
+
+
+def test_core_ab_tells_a_core_that_drafts_otherwise(tmp_path, monkeypatch):
+    """A base core whose drafts differ (here: its default levels stop at n = 3 instead of 7) is reported so."""
+    import shutil
+
+    import vllm_anpd.core
+
+    core_ab = _core_ab_in(tmp_path, monkeypatch)
+    other = tmp_path / "other_core"
+    shutil.copytree(Path(vllm_anpd.core.__file__).parent, other, ignore=shutil.ignore_patterns("__pycache__"))
+    config = other / "config.py"
+    text = config.read_text()
+    assert "    n_max: int = 7\n" in text
+    config.write_text(text.replace("    n_max: int = 7\n", "    n_max: int = 3\n"))
+    rows = core_ab.main(["--base-dir", str(other), "--contexts", "600", "--batches", "4", "--steps", "12",
+                         "--out", "other_ab"])
+    assert rows[0]["same_drafts"] is False
+
+
+def test_core_ab_takes_a_git_revision_and_names_a_bad_one(tmp_path, monkeypatch):
+    core_ab = _core_ab_in(tmp_path, monkeypatch)
+    package, path = core_ab.core_at_revision("HEAD")
+    assert package.startswith("anpd_core_") and (path / package / "kernels.py").exists()
+    assert not (path / package / "tables.py").read_text().count("from vllm_anpd")  # relative imports only
+    with pytest.raises(SystemExit, match="no-such-revision"):
+        core_ab.core_at_revision("no-such-revision")
+
+
+def test_core_ab_keeps_the_diff_of_a_core_that_is_not_committed(tmp_path, monkeypatch):
+    """An experiment measured from a working tree: the results keep what the core's uncommitted change was."""
+    import subprocess
+
+    core_ab = _core_ab_in(tmp_path, monkeypatch)
+    repo = tmp_path / "repo"
+    (repo / "vllm_anpd" / "core").mkdir(parents=True)
+    (repo / "vllm_anpd" / "core" / "kernels.py").write_text("WINDOW = 32\n")
+    (repo / "README.md").write_text("x\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "core"]):
+        subprocess.run(git + cmd, cwd=repo, check=True)
+    assert core_ab.uncommitted_core_diff(repo) == ""
+    (repo / "README.md").write_text("y\n")  # not the core
+    assert core_ab.uncommitted_core_diff(repo) == ""
+    (repo / "vllm_anpd" / "core" / "kernels.py").write_text("WINDOW = 16\n")
+    diff = core_ab.uncommitted_core_diff(repo)
+    assert "-WINDOW = 32" in diff and "+WINDOW = 16" in diff
+
 @pytest.fixture
 def batch_ab_runs(monkeypatch, tmp_path):
     """``batch_ab`` with its engine runs faked: each worker process it would start is recorded by configuration
