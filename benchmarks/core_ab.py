@@ -41,14 +41,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO))  # "new" is this checkout's core, wherever an installed vllm_anpd points
 import machine  # noqa: E402
 import step_cost  # noqa: E402
 
 import vllm_anpd.core.tables as new_tables  # noqa: E402
 from vllm_anpd import models  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 K = step_cost.K
 
@@ -65,7 +66,11 @@ def _install(package: str, fill) -> Path:
         partial = cache_root() / f".{package}.{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        fill(partial / package)
+        try:
+            fill(partial / package)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         shutil.rmtree(parent, ignore_errors=True)
         partial.rename(parent)
     return parent
@@ -81,8 +86,12 @@ def core_at_revision(revision: str, repo: Path = REPO) -> tuple[str, Path]:
     package = f"anpd_core_{commit[:12]}"
 
     def fill(target: Path) -> None:
-        archive = subprocess.run(["git", "archive", commit, "vllm_anpd/core"], cwd=repo, check=True,
-                                 capture_output=True).stdout
+        try:
+            archive = subprocess.run(["git", "archive", commit, "vllm_anpd/core"], cwd=repo, check=True,
+                                     capture_output=True).stdout
+        except subprocess.CalledProcessError as e:
+            raise SystemExit(f"--base {revision!r}: no vllm_anpd/core at {commit[:12]} "
+                             f"({e.stderr.decode(errors='replace').strip()})") from None
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith("vllm_anpd/core/")]
             for m in members:
@@ -227,7 +236,8 @@ def main(argv=None) -> list[dict]:
     RESULTS.mkdir(exist_ok=True)
     diff = uncommitted_core_diff()
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": {**vars(args), "base_dir": base_name},
-                                                          "base_package": package, "new_core_diff": diff, **info,
+                                                          "base_package": package, "new_core": new_tables.__file__,
+                                                          "new_core_diff": diff, **info,
                                                           "rows": rows}, indent=1))
     new_name = "this checkout's" + (f" (uncommitted changes to the core, {len(diff.splitlines())} diff lines, in "
                                     f"the JSON's `new_core_diff`)" if diff else "")

@@ -245,16 +245,23 @@ def test_core_ab_takes_a_git_revision_and_names_a_bad_one(tmp_path, monkeypatch)
 
 
 def test_core_ab_keeps_the_diff_of_a_core_that_is_not_committed(tmp_path, monkeypatch):
-    """An experiment measured from a working tree: the results keep what the core's uncommitted change was."""
+    """An experiment measured from a working tree: the results keep what the core's uncommitted change was. And a
+    revision without the core is refused by name."""
     import subprocess
 
     core_ab = _core_ab_in(tmp_path, monkeypatch)
     repo = tmp_path / "repo"
-    (repo / "vllm_anpd" / "core").mkdir(parents=True)
-    (repo / "vllm_anpd" / "core" / "kernels.py").write_text("WINDOW = 32\n")
+    repo.mkdir()
     (repo / "README.md").write_text("x\n")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    for cmd in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "core"]):
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "no core yet"]):
+        subprocess.run(git + cmd, cwd=repo, check=True)
+    with pytest.raises(SystemExit, match="no vllm_anpd/core"):
+        core_ab.core_at_revision("HEAD", repo)
+    assert not list((tmp_path / "cores").iterdir())  # nothing half made is left to be taken for a core
+    (repo / "vllm_anpd" / "core").mkdir(parents=True)
+    (repo / "vllm_anpd" / "core" / "kernels.py").write_text("WINDOW = 32\n")
+    for cmd in (["add", "."], ["commit", "-q", "-m", "core"]):
         subprocess.run(git + cmd, cwd=repo, check=True)
     assert core_ab.uncommitted_core_diff(repo) == ""
     (repo / "README.md").write_text("y\n")  # not the core
