@@ -858,6 +858,33 @@ def test_hot_path_follows_every_array_the_tables_replace(seed):
     assert growths > 50 and tables.num_slots >= 5
 
 
+@pytest.mark.parametrize("num_slots, max_batch", [(1, 8), (8, 1)])
+def test_arrays_replaced_between_steps_are_the_ones_the_next_step_uses(num_slots, max_batch):
+    """Slots added (``num_slots=1``) or a batch larger than ``max_batch`` (``max_batch=1``) after steps have run:
+    either replaces arrays whose references the step keeps between steps (``_bind_step_args``). Every draft
+    must still equal the oracle's. (The test above adds its slots before its first step and never outgrows its
+    batch.)"""
+    rng = np.random.default_rng(7)
+    p = _AnpdParams(num_speculative_tokens=4, n_min=2, n_max=5, cross_request_entries=0, stop_probability=0.0)
+    tables = NgramTables(p, num_slots=num_slots, max_batch=max_batch)
+    streams = [rng.integers(0, 3, 400).tolist() for _ in range(6)]
+    slots = []
+    drafted = 0
+    for grown in range(len(streams)):
+        slots.append(tables.acquire())  # one more request, and a batch one row larger
+        for step in range(4):
+            lengths = [40 + 25 * grown + 7 * step + 3 * r for r in range(len(slots))]
+            rows = np.zeros((len(slots), max(lengths)), np.int32)
+            for r, n in enumerate(lengths):
+                rows[r, :n] = streams[r][:n]
+            drafts, lens = tables.step(rows, np.array(lengths), np.array(slots, np.int32),
+                                       np.full(len(slots), 4, np.int32))
+            for r, n in enumerate(lengths):
+                assert drafts[r, :lens[r]].tolist() == oracle.draft(streams[r][:n], p, 4), (grown, step, r)
+                drafted += int(lens[r])
+    assert tables.num_slots >= len(streams) and drafted > 0
+
+
 def test_fold_allocates_nothing_the_step_reserves_its_room(monkeypatch):
     """The fold takes arrays only (cheap to dispatch, GIL-free from its first instruction): ``step`` grows
     the tables it will write to beforehand (``reserve_fold_room``, when ``step_batch`` reports the need). No

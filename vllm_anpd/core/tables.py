@@ -210,6 +210,7 @@ class NgramTables:
         self.released_meta = np.zeros(K.META_COLUMNS, np.int64)
         self.released_level_stats = np.zeros((2 * params.num_levels, 2), np.int64)
         self._free: list[int] = []
+        self._step_args = None  # see _bind_step_args
         self._grow_slots(num_slots + (1 if params.cross_request_entries else 0))
         self._min_count_cross = np.full(params.num_levels, params.cross_min_count, np.int32)
         # The cross-request table is a slot like the others, never released.
@@ -295,6 +296,7 @@ class NgramTables:
         self.views = grow(self.views)
         for slot in range(old, new_count):
             K.refresh_views(slot, self.keys, self.pairs, self.contexts, self.views)
+        self._step_args = None  # the arrays above were replaced
         # Lowest slots first: pop() takes from the end.
         self._free.extend(range(new_count - 1, old - 1, -1))
 
@@ -316,39 +318,47 @@ class NgramTables:
             self._out_drafts = np.zeros((batch, self.params.num_speculative_tokens), np.int32)
             self._out_lens = np.zeros(batch, np.int32)
             self._pending = np.zeros((batch, 4), np.int64)
+            self._step_args = None
         if token_ids.dtype != np.int32:
             token_ids = self._as_int32_tokens(token_ids)
-        p = self.params
-        stop = p.stop_probability if stop_probability is None else stop_probability
+        if stop_probability is None:
+            stop_probability = self.params.stop_probability
         # Most steps need no allocation: step_batch takes arrays only (cheap to dispatch). A step with a new
         # request (its prompt), or any row that step_batch finds needs one, goes through prepare_rows first.
         num_pending = -1
-        # The fold's limits travel with the step: step_batch reports whether the fold needs a table grown first.
-        limits = (p.max_entries_per_request, p.cross_request_entries)
+        head, tail = self._step_args or self._bind_step_args()
         if not self._acquired_since_step:
-            num_pending, needs_room = K.step_batch(
-                token_ids, num_tokens, slots, max_draft, max_len, p.n_min, p.n_max, self._min_count, self._min_share,
-                self.cross_slot, self._min_count_cross, stop, *limits, self.views, self.meta, self.calib,
-                self.level_stats, self.cell_stats, self.accepted_total, self.last_draft, self.last_cell,
-                self._out_drafts, self._out_lens, self.draft_lengths, self._pending, 0)
+            num_pending, needs_room = K.step_batch(token_ids, num_tokens, slots, max_draft, max_len, *head,
+                                                   stop_probability, *tail, 0)
         if num_pending < 0:
+            p = self.params
             num_prepared, _ = K.prepare_rows(
                 token_ids, num_tokens, slots, p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot,
                 self.keys, self.pairs, self.spare_half_pages, self.contexts, self.views, self.meta, self.calib,
                 self.level_stats, self.cell_stats, self.accepted_total, self.last_draft, self.last_cell, self._pending,
                 0)
             self._acquired_since_step = False
-            num_pending, needs_room = K.step_batch(
-                token_ids, num_tokens, slots, max_draft, max_len, p.n_min, p.n_max, self._min_count, self._min_share,
-                self.cross_slot, self._min_count_cross, stop, *limits, self.views, self.meta, self.calib,
-                self.level_stats, self.cell_stats, self.accepted_total, self.last_draft, self.last_cell,
-                self._out_drafts, self._out_lens, self.draft_lengths, self._pending, num_prepared)
+            num_pending, needs_room = K.step_batch(token_ids, num_tokens, slots, max_draft, max_len, *head,
+                                                   stop_probability, *tail, num_prepared)
             if num_pending < 0:
                 raise RuntimeError("ANPD: a row still needs an allocation after prepare_rows (a bug)")
         if num_pending:
             self._fold(self._pending[:num_pending], background=num_pending >= self.background_fold_min_rows,
                        needs_room=needs_room)
         return self._out_drafts[:batch], self._out_lens[:batch]
+
+    def _bind_step_args(self) -> tuple[tuple, tuple]:
+        """``step_batch``'s arguments before and after the stop probability that change only when an array is
+        replaced (more slots, a larger batch: both set ``_step_args`` to None). Right after a forward pass every
+        attribute read misses the caches; one tuple read replaces twenty."""
+        p = self.params
+        head = (p.n_min, p.n_max, self._min_count, self._min_share, self.cross_slot, self._min_count_cross)
+        # The fold's limits travel with the step: step_batch reports whether the fold needs a table grown first.
+        tail = (p.max_entries_per_request, p.cross_request_entries, self.views, self.meta, self.calib,
+                self.level_stats, self.cell_stats, self.accepted_total, self.last_draft, self.last_cell,
+                self._out_drafts, self._out_lens, self.draft_lengths, self._pending)
+        self._step_args = head, tail
+        return head, tail
 
     @staticmethod
     def _as_int32_tokens(token_ids: np.ndarray) -> np.ndarray:
