@@ -188,8 +188,8 @@ def plot(rows, path, title) -> None:
     for offset, name, color in ((-0.2, "base", "tab:gray"), (0.2, "new", "tab:blue")):
         ax.bar(x + offset, [r[f"{name}_us"] for r in rows], 0.4, color=color, label=name)
         ax.vlines(x + offset, [r[f"{name}_p25_us"] for r in rows], [r[f"{name}_p75_us"] for r in rows], color="black")
-    ax.set_xticks(x, [f"{r['context'] // 1024}k x {r['batch']}" if r["context"] >= 1024
-                      else f"{r['context']} x {r['batch']}" for r in rows])
+    ax.set_xticks(x, [(f"{r['context'] // 1024}k" if r["context"] % 1024 == 0 else str(r["context"]))
+                      + f" x {r['batch']}" for r in rows])
     medians = [r[f"{name}_us"] for r in rows for name in ("base", "new")]
     if max(medians) > 20 * min(medians):
         ax.set_yscale("log")
