@@ -35,7 +35,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -128,33 +127,13 @@ def import_core(package: str, path: Path):
     return importlib.import_module(f"{package}.tables")
 
 
-class Side:
-    """One core on one batch: prefilled (untimed), then one timed step per call, as ``step_cost.AnpdRunner``."""
-
-    def __init__(self, tables_module, tokens, context, batch, overrides, max_draft):
-        params = tables_module.AnpdParams(num_speculative_tokens=K, **overrides)
-        self.tables = tables_module.NgramTables(params, num_slots=batch, max_batch=batch, fold_in_background=True)
-        step_cost.warm_cross_request_table(self.tables)
-        self.slots = np.array([self.tables.acquire() for _ in range(batch)], np.int32)
-        self.max_draft = np.full(batch, max_draft, np.int32)
-        self.tokens = tokens
-        self.tables.step(tokens, np.full(batch, context, np.int32), self.slots, self.max_draft)
-        self.tables.settle()
-        self.times: list[float] = []
-
-    def step(self, num_tokens) -> list[list[int]]:
-        t0 = time.perf_counter()
-        drafts, lens = self.tables.step(self.tokens, num_tokens, self.slots, self.max_draft)
-        self.times.append(time.perf_counter() - t0)
-        out = [row[:n] for row, n in zip(drafts.tolist(), lens.tolist())]
-        self.tables.settle()  # the background fold, which an engine overlaps with the forward pass
-        return out
-
-
 def run_point(base_module, context, batch, steps, overrides, max_draft, evict) -> dict:
+    """Both cores on the same batch, as ``step_cost.AnpdRunner`` runs one (prefilled untimed, the background fold
+    waited for outside the timed step), stepped turn about."""
     tokens = step_cost.make_batch(context, batch, steps)
-    sides = {"base": Side(base_module, tokens, context, batch, overrides, max_draft),
-             "new": Side(new_tables, tokens, context, batch, overrides, max_draft)}
+    sides = {name: step_cost.AnpdRunner(tokens, context, batch, overrides, True, max_draft, core=core)
+             for name, core in (("base", base_module), ("new", new_tables))}
+    times = {name: [] for name in sides}
     same_drafts = True
     drafted = 0
     for s in range(1, steps + 1):
@@ -163,13 +142,15 @@ def run_point(base_module, context, batch, steps, overrides, max_draft, evict) -
         for name in (("base", "new") if s % 2 else ("new", "base")):
             if evict is not None:
                 evict.sum()  # as a forward pass does: the weights stream through every cache level
-            drafts[name] = sides[name].step(num_tokens)
+            side = sides[name]
+            times[name].append(side.step(num_tokens))
+            drafts[name] = [row[:n] for row, n in zip(side.drafts.tolist(), side.lens.tolist())]
         same_drafts &= drafts["base"] == drafts["new"]
         drafted += sum(map(len, drafts["new"]))
     row = {"context": context, "batch": batch, "same_drafts": bool(same_drafts),
            "new_mean_draft": drafted / (steps * batch)}
-    for name, side in sides.items():
-        us = np.array(side.times) * 1e6
+    for name in sides:
+        us = np.array(times[name]) * 1e6
         row[f"{name}_us"] = float(np.median(us))
         row[f"{name}_p25_us"] = float(np.percentile(us, 25))
         row[f"{name}_p75_us"] = float(np.percentile(us, 75))

@@ -139,11 +139,13 @@ def forward_pass(seconds: float) -> None:
 
 
 class AnpdRunner:
-    """ANPD on one batch: prefilled at construction (not timed), then one timed step per call."""
+    """ANPD on one batch: prefilled at construction (not timed), then one timed step per call. ``core``: a module
+    with ``NgramTables`` and ``AnpdParams`` to run instead of the installed core's (``core_ab.py``'s base)."""
 
-    def __init__(self, tokens, context, batch, overrides, background, max_draft=K):
-        self.tables = NgramTables(AnpdParams(num_speculative_tokens=K, **overrides), num_slots=batch,
-                                  max_batch=batch, fold_in_background=background)
+    def __init__(self, tokens, context, batch, overrides, background, max_draft=K, core=None):
+        tables_class, params_class = (core.NgramTables, core.AnpdParams) if core else (NgramTables, AnpdParams)
+        self.tables = tables_class(params_class(num_speculative_tokens=K, **overrides), num_slots=batch,
+                                   max_batch=batch, fold_in_background=background)
         warm_cross_request_table(self.tables)
         self.slots = np.array([self.tables.acquire() for _ in range(batch)], np.int32)
         self.max_draft = np.full(batch, max_draft, np.int32)
@@ -152,8 +154,9 @@ class AnpdRunner:
         self.tables.settle()
 
     def step(self, num_tokens) -> float:
+        """The step's seconds; its drafts stay in ``self.drafts`` and ``self.lens`` until the next step."""
         t0 = time.perf_counter()
-        self.tables.step(self.tokens, num_tokens, self.slots, self.max_draft)
+        self.drafts, self.lens = self.tables.step(self.tokens, num_tokens, self.slots, self.max_draft)
         elapsed = time.perf_counter() - t0
         # The background fold: in an engine it runs during the forward pass. Here it is waited for outside
         # the timed region, so that it overlaps nothing that is measured.
