@@ -185,8 +185,6 @@ def test_step_cost_results_name_their_machine_and_text(tmp_path, monkeypatch):
     assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in first_line  # malloc's huge pages move these costs
 
 
-
-
 def _core_ab_in(tmp_path, monkeypatch):
     """``core_ab`` writing its results and its copies of base cores under ``tmp_path``."""
     import core_ab
@@ -269,6 +267,7 @@ def test_core_ab_keeps_the_diff_of_a_core_that_is_not_committed(tmp_path, monkey
     (repo / "vllm_anpd" / "core" / "kernels.py").write_text("WINDOW = 16\n")
     diff = core_ab.uncommitted_core_diff(repo)
     assert "-WINDOW = 32" in diff and "+WINDOW = 16" in diff
+
 
 @pytest.fixture
 def batch_ab_runs(monkeypatch, tmp_path):
