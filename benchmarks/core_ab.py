@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))  # "new" is this checkout's core, wherever an installed vllm_anpd points
 import machine  # noqa: E402
 import step_cost  # noqa: E402
+from anpd_options import anpd_overrides  # noqa: E402
 
 import vllm_anpd.core.tables as new_tables  # noqa: E402
 from vllm_anpd import models  # noqa: E402
@@ -194,7 +195,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--evict-mb", type=int, default=0,
                     help="read this many MB before every step, untimed, as a forward pass evicts the caches")
     ap.add_argument("--max-draft", type=int, default=K, help=f"tokens drafted at most per row (default {K})")
-    ap.add_argument("--anpd", default="{}", help="JSON of AnpdParams overrides, for both sides")
+    ap.add_argument("--anpd", type=anpd_overrides, default={}, help="JSON of AnpdParams overrides, for both sides")
     ap.add_argument("--out", default="core_ab", help="results/<out>.{json,md,png}")
     args = ap.parse_args(argv)
     for name in ("contexts", "batches"):
@@ -203,7 +204,7 @@ def main(argv=None) -> list[dict]:
     if args.steps < 1 or args.evict_mb < 0 or not 0 <= args.max_draft <= K:
         ap.error(f"--steps {args.steps} (>= 1), --evict-mb {args.evict_mb} (>= 0), --max-draft {args.max_draft} "
                  f"(0..{K}): one is out of range")
-    overrides = json.loads(args.anpd)
+    overrides = args.anpd
     package, path = core_in_directory(args.base_dir) if args.base_dir else core_at_revision(args.base)
     base_module = import_core(package, path)
     evict = np.ones(args.evict_mb << 17, np.int64) if args.evict_mb else None

@@ -28,6 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
+from anpd_options import anpd_speculative_options  # noqa: E402
 
 METHODS = ["none", "ngram", "suffix", "anpd", "oracle"]
 
@@ -58,7 +59,7 @@ def speculative_config(method: str, k: int, args) -> dict | None:
     if method == "suffix":
         return {"method": "suffix", "num_speculative_tokens": k}
     if method == "anpd":
-        return {"method": "anpd", "num_speculative_tokens": k, **json.loads(args.anpd)}
+        return {"method": "anpd", "num_speculative_tokens": k, **args.anpd}
     if method == "oracle":
         return {"method": "custom_class", "model": "vllm_anpd.bench.oracle_proposer.OracleProposer",
                 "num_speculative_tokens": k}
@@ -324,7 +325,8 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--ngram-min", type=int, default=2, help="vLLM ngram prompt_lookup_min")
     ap.add_argument("--ngram-max", type=int, default=4, help="vLLM ngram prompt_lookup_max")
-    ap.add_argument("--anpd", default="{}", help="extra anpd_* options as JSON")
+    ap.add_argument("--anpd", type=anpd_speculative_options, default={},
+                    help='extra anpd_* speculative_config options as JSON, e.g. \'{"anpd_n_max": 5}\'')
     ap.add_argument("--reuse", action="store_true",
                     help="load a job's saved raw result (results/engine_job_<method>_b<batch>.json) instead of "
                          "running it again; delete a file to re-run that job")

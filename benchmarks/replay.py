@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anpd_options import anpd_overrides  # noqa: E402
 from engine_bench import temperature_arg  # noqa: E402
 from make_references import reference_path  # noqa: E402
 
@@ -286,7 +287,7 @@ def main():
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--temperature", type=temperature_arg, default=0.0,
                     help="replay sampled references (make_references.py --temperature T) instead of greedy ones")
-    ap.add_argument("--anpd", type=str, default="{}", help="JSON of AnpdParams overrides")
+    ap.add_argument("--anpd", type=anpd_overrides, default={}, help="JSON of AnpdParams overrides")
     ap.add_argument("--no-ngram", action="store_true", help="skip vLLM's ngram grid")
     ap.add_argument("--no-suffix", action="store_true", help="skip vLLM's suffix method")
     ap.add_argument("--out", type=str, default="replay")
@@ -295,7 +296,7 @@ def main():
     if args.limit:
         refs = refs[: args.limit]
     corpus = Corpus(refs)
-    overrides = json.loads(args.anpd)
+    overrides = args.anpd
     results = {}
     for k in args.k:
         for batch in args.batch:

@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402
+from anpd_options import anpd_overrides  # noqa: E402
 from make_references import reference_path  # noqa: E402
 
 from vllm_anpd.core import AnpdParams, NgramTables  # noqa: E402
@@ -240,7 +241,7 @@ def main():
     ap.add_argument("--max-draft", type=int, default=K,
                     help=f"ANPD drafts at most this many tokens per row (0: its tables learn, nothing is drafted), "
                          f"to split a step's cost between its update and each drafted token (default {K})")
-    ap.add_argument("--anpd", default="{}", help="JSON of AnpdParams overrides, e.g. '{\"cross_request_entries\": 0}'")
+    ap.add_argument("--anpd", type=anpd_overrides, default={}, help="JSON of AnpdParams overrides, e.g. '{\"cross_request_entries\": 0}'")
     ap.add_argument("--out", default="step_cost", help="results/<out>.{json,md,png}")
     args = ap.parse_args()
     if args.turn_steps < 1:
@@ -254,7 +255,7 @@ def main():
         ap.error(f"--context-pairs must be 0 (off) or more, got {args.context_pairs}")
     if args.context_pairs and min(args.contexts) == max(args.contexts):
         ap.error(f"--context-pairs compares the smallest and the largest of --contexts, got only {args.contexts}")
-    overrides = json.loads(args.anpd)
+    overrides = args.anpd
     if args.context_pairs:
         context_pairs(args, overrides)
         return

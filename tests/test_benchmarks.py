@@ -376,6 +376,49 @@ def test_sampling_benchmarks_refuse_a_temperature_out_of_range(text):
         engine_bench.temperature_arg(text)
 
 
+
+# Each script with an ``--anpd`` option, and the keys it takes: AnpdParams fields, or engine_bench's anpd_* ones.
+ANPD_OPTION_SCRIPTS = {"replay": "", "step_cost": "", "core_ab": "", "engine_bench": "anpd_"}
+
+
+@pytest.mark.parametrize("script", sorted(ANPD_OPTION_SCRIPTS))
+@pytest.mark.parametrize("value, named", [
+    ('{{"{p}n_max": 5', "is not JSON"),
+    ("[5]", "expected a JSON object"),
+    ('{{"{p}n_maxx": 5}}', "unknown key(s) '{p}n_maxx'"),
+    ('{{"num_speculative_tokens": 3}}', "unknown key(s) 'num_speculative_tokens'"),
+    ('{{"{p}stop_probability": 1.5}}', "{p}stop_probability=1.5: must be a number in [0.0, 1.0)"),
+    ('{{"{p}n_min": 4, "{p}n_max": 3}}', "{p}n_max=3: must be an integer in [4, 16]"),
+])
+def test_benchmarks_refuse_a_bad_anpd_option_by_its_value_before_any_work(script, value, named, monkeypatch,
+                                                                          capsys):
+    """A malformed ``--anpd`` used to surface as a JSONDecodeError or a TypeError traceback (in engine_bench, from
+    an engine's worker process); now argparse refuses it, quoting the value, before anything runs."""
+    import importlib
+
+    module = importlib.import_module(script)
+    prefix = ANPD_OPTION_SCRIPTS[script]
+    value = value.format(p=prefix)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--anpd", value])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --anpd" in err and repr(value) in err and named.format(p=prefix) in err
+
+
+def test_a_checked_anpd_option_reaches_the_drafter_and_the_engine_config():
+    import engine_bench
+    from anpd_options import anpd_overrides, anpd_speculative_options
+
+    assert anpd_overrides('{"n_max": 5, "min_count": [1, 1, 2, 2]}') == {"n_max": 5, "min_count": [1, 1, 2, 2]}
+    assert anpd_overrides("{}") == {}
+    options = anpd_speculative_options('{"anpd_stop_probability": 0.1}')
+    args = SimpleNamespace(anpd=options)
+    assert engine_bench.speculative_config("anpd", 5, args) == {
+        "method": "anpd", "num_speculative_tokens": 5, "anpd_stop_probability": 0.1}
+
+
 class _FakeEngine:
     """What ``engine_bench.run_phase`` uses of ``LLM.llm_engine``: each request finishes after one token."""
 
