@@ -923,15 +923,18 @@ def _rows_ready(token_ids, num_tokens, slots, views, meta):
 # Before the row loop, ``step_batch`` starts loading what each row's bookkeeping and first lookup read: cells
 # that nothing has touched since the last step (the forward pass in between evicts them; a long context's
 # tables live in DRAM). Loaded one row at a time, each row would wait for its misses in turn; started for all
-# rows first, they overlap. Two rounds: the slots' small records (which the readiness check and the second
-# round read), then the context tails and the table cells.
+# rows first, they overlap. Two rounds: the slots' small records and the tails of the caller's token rows
+# (which the readiness check and the second round read), then the context tails and the table cells.
 
 @njit(cache=CACHE)
-def _prefetch_slot_records(slots, views, meta, calib, level_stats, last_draft, last_cell):
+def _prefetch_slot_records(token_ids, num_tokens, slots, views, meta, calib, level_stats, last_draft, last_cell):
     for r in range(slots.size):
         s = slots[r]
         if s < 0:
             continue
+        n = _row_length(num_tokens, r, token_ids.shape[1])
+        if n > 0:  # the tail of the row: its new tokens, and the first lookup's key (the second round reads it)
+            _prefetch_address(token_ids.ctypes.data + r * token_ids.strides[0] + (n - 1) * token_ids.strides[1])
         _prefetch_row(views, s)
         _prefetch_row(meta, s)
         _prefetch_row(calib, s)
@@ -955,6 +958,7 @@ def _prefetch_first_lookups(token_ids, num_tokens, slots, max_draft, n_min, n_ma
             _prefetch_row(kt, fps[m] & (kt.shape[0] - 1))
             if cross.shape[0]:
                 _prefetch_row(cross, fps[m] & (cross.shape[0] - 1))
+
 
 
 @njit(cache=CACHE)
@@ -984,7 +988,7 @@ def step_batch(token_ids, num_tokens, slots, max_draft, max_len, n_min, n_max, m
     a row needs an allocation (see ``prepare_rows``), nothing is changed and ``(-1, False)`` is returned;
     else ``(the new num_pending, whether the fold needs reserve_fold_room first)``.
     """
-    _prefetch_slot_records(slots, views, meta, calib, level_stats, last_draft, last_cell)
+    _prefetch_slot_records(token_ids, num_tokens, slots, views, meta, calib, level_stats, last_draft, last_cell)
     if not _rows_ready(token_ids, num_tokens, slots, views, meta):
         return -1, False
     buf = np.empty(n_max - 1 + out_drafts.shape[1], np.int32)  # the chain being drafted
