@@ -931,6 +931,26 @@ def test_fold_allocates_nothing_the_step_reserves_its_room(monkeypatch):
         assert tiny.slot_bytes(s) == fresh, n
 
 
+
+@pytest.mark.parametrize("name, replace", [
+    ("meta", lambda a: a.astype(np.int32)),  # another dtype
+    ("out_drafts", lambda a: np.asfortranarray(np.zeros((a.shape[0], 3), a.dtype))),  # not C-contiguous
+    ("out_lens", lambda a: a[:, None]),  # another number of dimensions
+])
+def test_packed_step_arguments_refuse_an_array_the_kernel_would_misread(name, replace):
+    """``step_batch_bound`` rebuilds its arrays from addresses and shapes (``kernels.bound_state``), with no
+    type check at the call: so the packing checks each array's dtype, dimensions and layout once, by name."""
+    t = NgramTables(_AnpdParams(num_speculative_tokens=3, cross_request_entries=0), num_slots=2, max_batch=2)
+    t._bind_step_args()
+    arrays = dict(t._step_arrays)
+    p = t.params
+    scalars = dict(n_min=p.n_min, n_max=p.n_max, cross_slot=t.cross_slot, max_entries=p.max_entries_per_request,
+                   cross_max_entries=p.cross_request_entries)
+    kernels.bound_state(scalars, arrays)  # as bound
+    arrays[name] = replace(arrays[name])
+    with pytest.raises(TypeError, match=f"^{name}: "):
+        kernels.bound_state(scalars, arrays)
+
 def test_step_kernel_refuses_a_row_that_needs_an_allocation_and_changes_nothing():
     """``step_batch`` takes arrays only (no lists to grow): a row needing an allocation (a long new window, a
     context past its array, a shrunk context) makes it return -1 before it touches anything; ``step`` then
