@@ -5,6 +5,7 @@ Runs in seconds, without vLLM.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -891,18 +892,24 @@ def test_fold_allocates_nothing_the_step_reserves_its_room(monkeypatch):
     fold may then replace a table or drop an n-gram of an unbounded table, while tables (own and shared) grow
     many times; drafts equal the oracle's."""
     folds = []
-    fold_pending = kernels.fold_pending
+    fold_pending_bound = kernels.fold_pending_bound
 
-    def checked_fold(pending, *args):
-        views, meta = args[-2], args[-1]
+    def bound_array(state, name):  # the packed array ``name`` (``kernels.bound_state``), read from its address
+        i = [n for n, _, _ in kernels.BOUND_ARRAYS].index(name)
+        at = len(kernels.BOUND_SCALARS) + kernels.BOUND_RECORD * i
+        pointer = ctypes.cast(int(state[at]), ctypes.POINTER(ctypes.c_int64))
+        return np.ctypeslib.as_array(pointer, (int(state[at + 1]), int(state[at + 2])))
+
+    def checked_fold(pending, state):
+        views, meta = bound_array(state, "views"), bound_array(state, "meta")
         before = views.copy(), meta[:, kernels.META_DROPPED].copy()
-        out = fold_pending(pending, *args)
+        out = fold_pending_bound(pending, state)
         np.testing.assert_array_equal(views, before[0])
         np.testing.assert_array_equal(meta[:, kernels.META_DROPPED], before[1])
         folds.append(len(pending))
         return out
 
-    monkeypatch.setattr(kernels, "fold_pending", checked_fold)
+    monkeypatch.setattr(kernels, "fold_pending_bound", checked_fold)
     rng = np.random.default_rng(4)
     p = _AnpdParams(num_speculative_tokens=5, n_min=2, n_max=5, stop_probability=0.0, cross_min_count=1)
     t = NgramTables(p, num_slots=2, max_batch=4)

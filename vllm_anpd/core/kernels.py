@@ -1127,6 +1127,13 @@ def fold_pending(pending, n_min, n_max, max_entries, cross_slot, cross_max_entri
     return sink[0]
 
 
+
+@njit(cache=CACHE, nogil=True)
+def fold_pending_bound(pending, state):
+    """``fold_pending`` with its limits and arrays from ``state`` (``bound_state``, as ``step_batch_bound``)."""
+    return fold_pending(pending, state[0], state[1], state[3], state[2], state[4], _bound_2d(state, 3, np.int64),
+                        _bound_2d(state, 4, np.int64))
+
 @njit(cache=CACHE)
 def _clear_tables(s, views, meta):
     _key_table(views, s)[:] = 0

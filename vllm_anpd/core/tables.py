@@ -76,12 +76,13 @@ def _no_spare_half_pages():
     return List([np.zeros((0, K.KEY_COLUMNS), np.int64), np.zeros((0, K.PAIR_COLUMNS), np.int64)])
 
 
-def _grow_then_fold(args: tuple, owners: tuple | None, views: np.ndarray, meta: np.ndarray) -> None:
-    """Grow the tables the fold will fill, if ``step_batch`` said one must grow (``owners``: the lists that own
-    the tables and the spare half pages), then fold (arrays only)."""
-    if owners is not None:
-        K.reserve_fold_room(*args, *owners, views, meta)
-    K.fold_pending(*args, views, meta)
+def _grow_then_fold(pending: np.ndarray, state: np.ndarray, room_args: tuple | None) -> None:
+    """Grow the tables the fold will fill, if ``step_batch`` said one must grow (``room_args``: the arguments of
+    ``reserve_fold_room`` after ``pending``, with the lists that own the tables), then fold (arrays only, packed
+    in ``state``: see ``NgramTables._bind_step_args``)."""
+    if room_args is not None:
+        K.reserve_fold_room(pending, *room_args)
+    K.fold_pending_bound(pending, state)
 
 
 # Forks of this process so far (``os.fork``, multiprocessing's included), counted in the child. A fold thread
@@ -233,14 +234,19 @@ class NgramTables:
             fold_thread.wait()
 
     def _fold(self, pending: np.ndarray, background: bool, needs_room: bool = True) -> None:
-        p = self.params
-        args = (pending, p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot, p.cross_request_entries)
-        owners = (self.keys, self.pairs, self.spare_half_pages) if needs_room else None
+        state = self._step_args
+        if state is None:
+            state = self._bind_step_args()
+        room_args = None
+        if needs_room:  # rare: most steps' tokens fit the tables as they are
+            p = self.params
+            room_args = (p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot, p.cross_request_entries,
+                         self.keys, self.pairs, self.spare_half_pages, self.views, self.meta)
         if background and self._fold_thread is not None:
             # Growing a table rehashes it (tens of us to ms): on the thread too, off the step's path.
-            self._fold_thread.submit(_grow_then_fold, args, owners, self.views, self.meta)
+            self._fold_thread.submit(_grow_then_fold, pending, state, room_args)
         else:
-            _grow_then_fold(args, owners, self.views, self.meta)
+            _grow_then_fold(pending, state, room_args)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @property
