@@ -938,7 +938,6 @@ def test_fold_allocates_nothing_the_step_reserves_its_room(monkeypatch):
         assert tiny.slot_bytes(s) == fresh, n
 
 
-
 @pytest.mark.parametrize("name, replace", [
     ("meta", lambda a: a.astype(np.int32)),  # another dtype
     ("out_drafts", lambda a: np.asfortranarray(np.zeros((a.shape[0], 3), a.dtype))),  # not C-contiguous
@@ -957,6 +956,7 @@ def test_packed_step_arguments_refuse_an_array_the_kernel_would_misread(name, re
     arrays[name] = replace(arrays[name])
     with pytest.raises(TypeError, match=f"^{name}: "):
         kernels.bound_state(scalars, arrays)
+
 
 def test_step_kernel_refuses_a_row_that_needs_an_allocation_and_changes_nothing():
     """``step_batch`` takes arrays only (no lists to grow): a row needing an allocation (a long new window, a

@@ -960,7 +960,6 @@ def _prefetch_first_lookups(token_ids, num_tokens, slots, max_draft, n_min, n_ma
                 _prefetch_row(cross, fps[m] & (cross.shape[0] - 1))
 
 
-
 @njit(cache=CACHE)
 def step_batch(token_ids, num_tokens, slots, max_draft, max_len, n_min, n_max, min_count, min_share, cross_slot,
                cross_min_count, stop_probability, max_entries, cross_max_entries, views, meta, calib, level_stats,
@@ -1033,7 +1032,6 @@ def step_batch(token_ids, num_tokens, slots, max_draft, max_len, n_min, n_max, m
                                         views, meta)
 
 
-
 # ``step_batch``'s own arrays and limits, packed into one int64 array (``NgramTables._bind_step_args`` builds it,
 # ``step_batch_bound`` unpacks it). Right after a forward pass numba's dispatch costs about 1 us per argument
 # (a probe on the Intel Xeon VM, caches evicted: a function that does nothing, 57 us with step_batch's 28
@@ -1098,6 +1096,7 @@ def step_batch_bound(token_ids, num_tokens, slots, max_draft, max_len, stop_prob
                       _bound_1d(state, 12, np.int32), _bound_1d(state, 13, np.int64), _bound_2d(state, 14, np.int64),
                       num_pending)
 
+
 @njit(cache=CACHE, nogil=True)
 def fold_pending(pending, n_min, n_max, max_entries, cross_slot, cross_max_entries, views, meta):
     """Fold what a ``step_batch`` left pending into the tables: each request's new tokens into its own
@@ -1127,12 +1126,12 @@ def fold_pending(pending, n_min, n_max, max_entries, cross_slot, cross_max_entri
     return sink[0]
 
 
-
 @njit(cache=CACHE, nogil=True)
 def fold_pending_bound(pending, state):
     """``fold_pending`` with its limits and arrays from ``state`` (``bound_state``, as ``step_batch_bound``)."""
     return fold_pending(pending, state[0], state[1], state[3], state[2], state[4], _bound_2d(state, 3, np.int64),
                         _bound_2d(state, 4, np.int64))
+
 
 @njit(cache=CACHE)
 def _clear_tables(s, views, meta):

@@ -212,6 +212,7 @@ class NgramTables:
         self.released_level_stats = np.zeros((2 * params.num_levels, 2), np.int64)
         self._free: list[int] = []
         self._step_args = None  # see _bind_step_args
+        self._step_arrays: dict = {}  # the arrays whose addresses _step_args holds
         self._grow_slots(num_slots + (1 if params.cross_request_entries else 0))
         self._min_count_cross = np.full(params.num_levels, params.cross_min_count, np.int32)
         # The cross-request table is a slot like the others, never released.
