@@ -241,7 +241,8 @@ def main():
     ap.add_argument("--max-draft", type=int, default=K,
                     help=f"ANPD drafts at most this many tokens per row (0: its tables learn, nothing is drafted), "
                          f"to split a step's cost between its update and each drafted token (default {K})")
-    ap.add_argument("--anpd", type=anpd_overrides, default={}, help="JSON of AnpdParams overrides, e.g. '{\"cross_request_entries\": 0}'")
+    ap.add_argument("--anpd", type=anpd_overrides, default={},
+                    help="JSON of AnpdParams overrides, e.g. '{\"cross_request_entries\": 0}'")
     ap.add_argument("--out", default="step_cost", help="results/<out>.{json,md,png}")
     args = ap.parse_args()
     if args.turn_steps < 1:
