@@ -1045,20 +1045,32 @@ BOUND_ARRAYS = (("min_count", np.int32, 1), ("min_share", np.float64, 1), ("cros
                 ("last_draft", np.int32, 2), ("last_cell", np.int32, 2), ("out_drafts", np.int32, 2),
                 ("out_lens", np.int32, 1), ("draft_lengths", np.int64, 1), ("pending", np.int64, 2))
 BOUND_RECORD = 4  # address, then three dimensions (unused ones 1)
+# Positions in the packed state, by name, so that the two unpacking kernels below cannot drift from the tuples
+# above (numba reads module-level integers as constants: these cost nothing in the kernels).
+_BOUND_AT = {name: i for i, name in enumerate(BOUND_SCALARS)}
+_BOUND_AT.update((name, len(BOUND_SCALARS) + BOUND_RECORD * i) for i, (name, _, _) in enumerate(BOUND_ARRAYS))
+_N_MIN, _N_MAX, _CROSS_SLOT = _BOUND_AT["n_min"], _BOUND_AT["n_max"], _BOUND_AT["cross_slot"]
+_MAX_ENTRIES, _CROSS_MAX_ENTRIES = _BOUND_AT["max_entries"], _BOUND_AT["cross_max_entries"]
+_MIN_COUNT, _MIN_SHARE, _CROSS_MIN_COUNT = _BOUND_AT["min_count"], _BOUND_AT["min_share"], _BOUND_AT["cross_min_count"]
+_VIEWS, _META, _CALIB = _BOUND_AT["views"], _BOUND_AT["meta"], _BOUND_AT["calib"]
+_LEVEL_STATS, _CELL_STATS, _ACCEPTED_TOTAL = (_BOUND_AT["level_stats"], _BOUND_AT["cell_stats"],
+                                              _BOUND_AT["accepted_total"])
+_LAST_DRAFT, _LAST_CELL, _OUT_DRAFTS = _BOUND_AT["last_draft"], _BOUND_AT["last_cell"], _BOUND_AT["out_drafts"]
+_OUT_LENS, _DRAFT_LENGTHS, _PENDING = _BOUND_AT["out_lens"], _BOUND_AT["draft_lengths"], _BOUND_AT["pending"]
 
 
 def bound_state(scalars: dict, arrays: dict) -> np.ndarray:
     """The packed form of ``step_batch``'s own arguments (plain Python: it runs when an array is replaced, not
     per step). Refuses an array that ``step_batch_bound`` would read as something else."""
     state = np.zeros(len(BOUND_SCALARS) + BOUND_RECORD * len(BOUND_ARRAYS), np.int64)
-    for i, name in enumerate(BOUND_SCALARS):
-        state[i] = scalars[name]
-    for i, (name, dtype, ndim) in enumerate(BOUND_ARRAYS):
+    for name in BOUND_SCALARS:
+        state[_BOUND_AT[name]] = scalars[name]
+    for name, dtype, ndim in BOUND_ARRAYS:
         a = arrays[name]
         if a.dtype != dtype or a.ndim != ndim or not a.flags.c_contiguous:
             raise TypeError(f"{name}: {a.dtype}[{a.ndim}d] (C-contiguous: {a.flags.c_contiguous}), expected "
                             f"C-contiguous {np.dtype(dtype)}[{ndim}d]")
-        at = len(BOUND_SCALARS) + BOUND_RECORD * i
+        at = _BOUND_AT[name]
         state[at] = a.ctypes.data
         state[at + 1:at + 1 + ndim] = a.shape
         state[at + 1 + ndim:at + BOUND_RECORD] = 1
@@ -1066,34 +1078,34 @@ def bound_state(scalars: dict, arrays: dict) -> np.ndarray:
 
 
 @njit(cache=CACHE, inline="always")
-def _bound_1d(state, i, dtype):
-    at = len(BOUND_SCALARS) + BOUND_RECORD * i
+def _bound_1d(state, at, dtype):
     return carray(_address_as_pointer(state[at], dtype), state[at + 1])
 
 
 @njit(cache=CACHE, inline="always")
-def _bound_2d(state, i, dtype):
-    at = len(BOUND_SCALARS) + BOUND_RECORD * i
+def _bound_2d(state, at, dtype):
     return carray(_address_as_pointer(state[at], dtype), (state[at + 1], state[at + 2]))
 
 
 @njit(cache=CACHE, inline="always")
-def _bound_3d(state, i, dtype):
-    at = len(BOUND_SCALARS) + BOUND_RECORD * i
+def _bound_3d(state, at, dtype):
     return carray(_address_as_pointer(state[at], dtype), (state[at + 1], state[at + 2], state[at + 3]))
 
 
 @njit(cache=CACHE)
 def step_batch_bound(token_ids, num_tokens, slots, max_draft, max_len, stop_probability, num_pending, state):
     """``step_batch`` with its own arrays and limits from ``state`` (``bound_state``): 8 arguments to dispatch
-    instead of 28. The indices below follow ``BOUND_SCALARS`` and ``BOUND_ARRAYS``."""
-    return step_batch(token_ids, num_tokens, slots, max_draft, max_len, state[0], state[1],
-                      _bound_1d(state, 0, np.int32), _bound_1d(state, 1, np.float64), state[2],
-                      _bound_1d(state, 2, np.int32), stop_probability, state[3], state[4],
-                      _bound_2d(state, 3, np.int64), _bound_2d(state, 4, np.int64), _bound_2d(state, 5, np.float64),
-                      _bound_3d(state, 6, np.int64), _bound_2d(state, 7, np.int64), _bound_1d(state, 8, np.int64),
-                      _bound_2d(state, 9, np.int32), _bound_2d(state, 10, np.int32), _bound_2d(state, 11, np.int32),
-                      _bound_1d(state, 12, np.int32), _bound_1d(state, 13, np.int64), _bound_2d(state, 14, np.int64),
+    instead of 28."""
+    return step_batch(token_ids, num_tokens, slots, max_draft, max_len, state[_N_MIN], state[_N_MAX],
+                      _bound_1d(state, _MIN_COUNT, np.int32), _bound_1d(state, _MIN_SHARE, np.float64),
+                      state[_CROSS_SLOT], _bound_1d(state, _CROSS_MIN_COUNT, np.int32), stop_probability,
+                      state[_MAX_ENTRIES], state[_CROSS_MAX_ENTRIES],
+                      _bound_2d(state, _VIEWS, np.int64), _bound_2d(state, _META, np.int64),
+                      _bound_2d(state, _CALIB, np.float64), _bound_3d(state, _LEVEL_STATS, np.int64),
+                      _bound_2d(state, _CELL_STATS, np.int64), _bound_1d(state, _ACCEPTED_TOTAL, np.int64),
+                      _bound_2d(state, _LAST_DRAFT, np.int32), _bound_2d(state, _LAST_CELL, np.int32),
+                      _bound_2d(state, _OUT_DRAFTS, np.int32), _bound_1d(state, _OUT_LENS, np.int32),
+                      _bound_1d(state, _DRAFT_LENGTHS, np.int64), _bound_2d(state, _PENDING, np.int64),
                       num_pending)
 
 
@@ -1129,8 +1141,9 @@ def fold_pending(pending, n_min, n_max, max_entries, cross_slot, cross_max_entri
 @njit(cache=CACHE, nogil=True)
 def fold_pending_bound(pending, state):
     """``fold_pending`` with its limits and arrays from ``state`` (``bound_state``, as ``step_batch_bound``)."""
-    return fold_pending(pending, state[0], state[1], state[3], state[2], state[4], _bound_2d(state, 3, np.int64),
-                        _bound_2d(state, 4, np.int64))
+    return fold_pending(pending, state[_N_MIN], state[_N_MAX], state[_MAX_ENTRIES], state[_CROSS_SLOT],
+                        state[_CROSS_MAX_ENTRIES], _bound_2d(state, _VIEWS, np.int64),
+                        _bound_2d(state, _META, np.int64))
 
 
 @njit(cache=CACHE)
