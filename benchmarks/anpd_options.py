@@ -12,10 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vllm_anpd.core.config import AnpdParams
-
-SPECULATIVE_PREFIX = "anpd_"  # the plugin's speculative_config keys (vllm_anpd/_vllm_compat.py)
-FIELDS = [name for name in AnpdParams.field_names() if name != "num_speculative_tokens"]
+from vllm_anpd.core.config import OPTION_PREFIX, AnpdParams
 
 
 def _parse(text: str, prefix: str) -> dict:
@@ -25,15 +22,15 @@ def _parse(text: str, prefix: str) -> dict:
         raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({e})") from None
     if not isinstance(options, dict):
         raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object, e.g. '{{\"{prefix}n_max\": 5}}'")
-    allowed = [prefix + name for name in FIELDS]
+    allowed = [prefix + name for name in AnpdParams.option_names()]
     unknown = [key for key in options if key not in allowed]
     if unknown:
         raise argparse.ArgumentTypeError(f"{text!r}: unknown key(s) {', '.join(map(repr, unknown))}; "
                                          f"expected some of {', '.join(allowed)}")
     try:
-        AnpdParams(**{key[len(prefix):]: value for key, value in options.items()})
+        AnpdParams.from_options({key[len(prefix):]: value for key, value in options.items()}, prefix)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: {prefix}{e}") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
     return options
 
 
@@ -44,4 +41,4 @@ def anpd_overrides(text: str) -> dict:
 
 def anpd_speculative_options(text: str) -> dict:
     """argparse ``type`` for the plugin's ``anpd_*`` speculative_config keys, checked the same way."""
-    return _parse(text, SPECULATIVE_PREFIX)
+    return _parse(text, OPTION_PREFIX)

@@ -641,6 +641,22 @@ def test_invalid_params_name_field_and_value(kwargs, needle):
         AnpdParams(**kwargs)
 
 
+def test_options_are_named_as_the_user_wrote_them():
+    """``from_options`` is what the plugin and the benchmarks' ``--anpd`` share: an error about an option names
+    it with the caller's prefix, also when the value at fault is a default the option made invalid (n_max after
+    n_min); an error about vLLM's own num_speculative_tokens keeps its name."""
+    assert "num_speculative_tokens" not in _AnpdParams.option_names()
+    assert set(_AnpdParams.option_names()) | {"num_speculative_tokens"} == set(_AnpdParams.field_names())
+    assert _AnpdParams.from_options({"n_max": 5}, num_speculative_tokens=3) == _AnpdParams(
+        num_speculative_tokens=3, n_max=5)
+    with pytest.raises(ValueError, match=r"^anpd_stop_probability=1\.5: "):
+        _AnpdParams.from_options({"stop_probability": 1.5})
+    with pytest.raises(ValueError, match=r"^x_n_max=7: must be an integer in \[8, 16\]"):
+        _AnpdParams.from_options({"n_min": 8}, prefix="x_")
+    with pytest.raises(ValueError, match=r"^num_speculative_tokens=0: "):
+        _AnpdParams.from_options({}, num_speculative_tokens=0)
+
+
 def test_per_level_thresholds():
     p = AnpdParams(n_min=2, n_max=4, min_count=[1, 2, 3], min_share=0.5)
     assert p.min_count == (1, 2, 3) and p.min_share == (0.5, 0.5, 0.5)

@@ -34,16 +34,15 @@ from vllm.config import SpeculativeConfig
 from vllm.config.speculative import SpeculativeMethod
 from vllm.config.utils import config
 
-from .core.config import AnpdParams
+from .core.config import OPTION_PREFIX, AnpdParams
 
 logger = logging.getLogger("vllm.anpd")  # as plugin.py: vLLM configures the handler, in every process
 
 METHOD = "anpd"
 PROPOSER_PATH = "vllm_anpd.proposer.AnpdProposer"
 PROPOSER_PATHS = (PROPOSER_PATH, "vllm_anpd.AnpdProposer")  # the second is the documented zero-patch route
-OPTION_PREFIX = "anpd_"
 NGRAM_OPTIONS = ("prompt_lookup_min", "prompt_lookup_max")  # SpeculativeConfig fields of "ngram" only
-_PARAM_FIELDS = [f for f in AnpdParams.field_names() if f != "num_speculative_tokens"]
+_PARAM_FIELDS = AnpdParams.option_names()
 _DEFAULTS = AnpdParams.__dataclass_fields__
 
 
@@ -98,12 +97,9 @@ class AnpdSpeculativeConfig(SpeculativeConfig):
 def params_from_options(options: dict, num_speculative_tokens: int) -> AnpdParams:
     """``AnpdParams`` from option values, errors renamed to the ``anpd_*`` key the user wrote."""
     try:
-        return AnpdParams(num_speculative_tokens=num_speculative_tokens, **options)
+        return AnpdParams.from_options(options, num_speculative_tokens=num_speculative_tokens)
     except ValueError as e:
-        msg = str(e)
-        if any(msg.startswith(name) for name in _PARAM_FIELDS):
-            msg = OPTION_PREFIX + msg
-        raise ValueError(f"speculative_config: {msg}") from None
+        raise ValueError(f"speculative_config: {e}") from None
 
 
 def params_from_speculative_config(spec: Any) -> AnpdParams:

@@ -13,6 +13,7 @@ from typing import Sequence
 # Upper bounds are sanity limits, not tuning advice: larger values only waste memory and time.
 MAX_SPECULATIVE_TOKENS = 128
 MAX_NGRAM = 16
+OPTION_PREFIX = "anpd_"  # a field's key in vLLM's speculative_config JSON: anpd_<field>
 
 
 def _as_tuple(name: str, value, num_levels: int, cast) -> tuple:
@@ -116,6 +117,24 @@ class AnpdParams:
     def field_names(cls) -> Sequence[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
+    @classmethod
+    def option_names(cls) -> Sequence[str]:
+        """The fields a user sets as options (``anpd_<field>`` in vLLM's speculative_config): all but
+        ``num_speculative_tokens``, which is vLLM's own."""
+        return [name for name in cls.field_names() if name != "num_speculative_tokens"]
+
+    @classmethod
+    def from_options(cls, options: dict, prefix: str = OPTION_PREFIX, **fields) -> "AnpdParams":
+        """``AnpdParams`` from options keyed by field name (``fields``: the others, e.g. num_speculative_tokens).
+        A ``ValueError`` about an option names it as the user wrote it: ``prefix`` + the field's name."""
+        try:
+            return cls(**options, **fields)
+        except ValueError as e:
+            msg = str(e)
+            if any(msg.startswith(name) for name in cls.option_names()):
+                raise ValueError(prefix + msg) from None
+            raise
+
 
 # The paper's ANPD: fixed draft length (k), no gate, no adaptive stop, no shared table; N = 5.
 PAPER = dict(n_min=2, n_max=5, min_count=1, min_share=0.0, stop_probability=0.0, verify_cost=0.0,
@@ -130,4 +149,4 @@ def _strict_int(name):
     return cast
 
 
-__all__ = ["AnpdParams", "MAX_SPECULATIVE_TOKENS", "MAX_NGRAM", "PAPER"]
+__all__ = ["AnpdParams", "MAX_SPECULATIVE_TOKENS", "MAX_NGRAM", "OPTION_PREFIX", "PAPER"]
