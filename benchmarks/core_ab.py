@@ -10,10 +10,11 @@ this checkout's step the same contexts in alternation, each step in the order th
 (base-new, new-base, ...), so the VM's drift falls on both sides alike; each side's own steady state is
 kept apart (their own tables, their own fold thread). Steps are timed as ``step_cost.py`` times ANPD's
 critical path (``NgramTables.step``, the background fold waited for untimed), ``--evict-mb`` reads a buffer
-before every step as a forward pass evicts the caches. Per point: the median, 25th and 75th percentile
-microseconds per step of each side, new / base, and whether both drafted the same tokens at every step (a
-change meant to keep the drafts shows here if it does not). When this checkout's core has uncommitted changes,
-their diff is kept in the JSON (``new_core_diff``), so that an experiment not committed can still be read.
+before every step as a forward pass evicts the caches (``--evict-with``: how, see ``step_cost.cache_evictor``).
+Per point: the median, 25th and 75th percentile microseconds per step of each side, new / base, and whether
+both drafted the same tokens at every step (a change meant to keep the drafts shows here if it does not).
+When this checkout's core has uncommitted changes, their diff is kept in the JSON (``new_core_diff``), so that
+an experiment not committed can still be read.
 
 The base is the ``vllm_anpd/core`` directory of that revision (``git archive``), imported as a package of its
 own. Extracted copies stay in ``$VLLM_ANPD_CACHE/core_ab/<commit>``, so that numba's disk cache of their
@@ -142,7 +143,7 @@ def run_point(base_module, context, batch, steps, overrides, max_draft, evict) -
         drafts = {}
         for name in (("base", "new") if s % 2 else ("new", "base")):
             if evict is not None:
-                evict.sum()  # as a forward pass does: the weights stream through every cache level
+                evict()  # as a forward pass does: the weights stream through every cache level
             side = sides[name]
             times[name].append(side.step(num_tokens))
             drafts[name] = [row[:n] for row, n in zip(side.drafts.tolist(), side.lens.tolist())]
@@ -192,8 +193,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--steps", type=int, default=200, help="timed steps of each side per point")
-    ap.add_argument("--evict-mb", type=int, default=0,
-                    help="read this many MB before every step, untimed, as a forward pass evicts the caches")
+    step_cost.add_evict_arguments(ap, "every step")
     ap.add_argument("--max-draft", type=int, default=K, help=f"tokens drafted at most per row (default {K})")
     ap.add_argument("--anpd", type=anpd_overrides, default={}, help="JSON of AnpdParams overrides, for both sides")
     ap.add_argument("--out", default="core_ab", help="results/<out>.{json,md,png}")
@@ -207,13 +207,13 @@ def main(argv=None) -> list[dict]:
     overrides = args.anpd
     package, path = core_in_directory(args.base_dir) if args.base_dir else core_at_revision(args.base)
     base_module = import_core(package, path)
-    evict = np.ones(args.evict_mb << 17, np.int64) if args.evict_mb else None
+    evict = step_cost.cache_evictor(args.evict_mb, args.evict_with)
     grid = [(c, b) for c in args.contexts for b in args.batches]
     rows = [run_point(base_module, c, b, args.steps, overrides, args.max_draft, evict)
             for c, b in tqdm(grid, desc="core A/B")]
 
     base_name = str(args.base_dir) if args.base_dir else args.base
-    conditions = f"caches evicted before each step ({args.evict_mb} MB read)" if args.evict_mb else "back to back"
+    conditions = step_cost.evicted_conditions(args) if args.evict_mb else "back to back"
     info = {"machine": machine.describe(), "stream": step_cost.stream_source()}
     RESULTS.mkdir(exist_ok=True)
     diff = uncommitted_core_diff()

@@ -15,7 +15,8 @@ the forward pass): this shared 2-core VM drifts by tens of percent within a minu
 that drift out of the ratios. ``--turn-steps N`` makes a turn N steps and leaves each turn's first step
 uncounted: each proposer is then measured in its own steady state, not just after the others' work.
 ``--evict-mb`` reads a buffer before each turn (untimed), as the forward pass between two steps evicts every
-cache: each proposer then starts cold, instruction caches and Python's objects included. The figures are
+cache: each proposer then starts cold, instruction caches and Python's objects included (``--evict-with``: how,
+see ``cache_evictor``). The figures are
 the median microseconds per step of a run, the lowest over ``--repeats`` runs. ``--max-draft N`` caps ANPD's
 drafts at N tokens per row (0: the tables learn, nothing is drafted), to split a step's cost between its
 update and its drafting. Two ANPD figures:
@@ -56,6 +57,45 @@ from vllm_anpd.core import AnpdParams, NgramTables  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K = 8
+EVICTORS = ("torch", "numpy")
+
+
+def cache_evictor(megabytes: int, kind: str = "torch"):
+    """A callable that reads ``megabytes`` MB, called untimed before a proposer's step, as the target model's
+    forward pass reads its weights between two engine steps (``None`` for 0: steps back to back).
+
+    ``torch`` (the default) sums a torch tensor on torch's threads, as vLLM CPU's forward pass runs: on every
+    core (vLLM binds an OpenMP thread to each), over memory from torch's allocator, in ordinary pages (a vLLM
+    CPU engine had 14 MiB of ~10 GB in huge pages, BENCHMARKS.md section 7). ``numpy``, what ``--evict-mb``
+    did before 2026-11-29, sums a numpy array (numpy advises huge pages for it) on this thread alone; it left
+    ANPD's next step 10-20 % dearer than ``torch`` does, and vLLM ngram's the same (BENCHMARKS.md section 2,
+    "A forward pass's stand-in"). Kept to reproduce the figures measured with it.
+    """
+    if megabytes <= 0:
+        return None
+    if kind == "numpy":
+        return np.ones(megabytes << 17, np.int64).sum
+    if kind != "torch":
+        raise ValueError(f"evictor {kind!r}: must be one of {EVICTORS}")
+    import torch
+
+    return torch.ones(megabytes << 17, dtype=torch.int64).sum
+
+
+def add_evict_arguments(ap: argparse.ArgumentParser, when: str) -> None:
+    """``--evict-mb`` and ``--evict-with``, as ``step_cost.py`` and ``core_ab.py`` both take them."""
+    ap.add_argument("--evict-mb", type=int, default=0,
+                    help=f"read this many MB before {when}, untimed, as a forward pass evicts the caches (0: off; "
+                         "the model's weights are a fair size)")
+    ap.add_argument("--evict-with", choices=EVICTORS, default="torch",
+                    help="how: a torch tensor summed on every core, as vLLM CPU's forward pass (default), or a "
+                         "numpy array on this thread, as before 2026-11-29 (see cache_evictor)")
+
+
+def evicted_conditions(args) -> str:
+    """The conditions line's words for ``--evict-mb`` and ``--evict-with``."""
+    how = "torch, every core" if args.evict_with == "torch" else "numpy, one thread"
+    return f"caches evicted before each step ({args.evict_mb} MB read, {how})"
 
 
 def stream_source() -> str:
@@ -210,7 +250,7 @@ def run_point(tokens, context, batch, steps, overrides, gap, with_ngram, evict, 
             for s in range(first, min(first + turn_steps, steps + 1)):
                 num_tokens = np.full(batch, context + 2 * s, np.int32)  # an accepted draft token + the bonus
                 if evict is not None:
-                    evict.sum()  # as a forward pass does: the weights stream through every cache level
+                    evict()  # as a forward pass does: the weights stream through every cache level
                 elapsed = runners[name].step(num_tokens)
                 if turn_steps == 1 or s > first:
                     times[name].append(elapsed)
@@ -228,9 +268,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="runs per point; the fastest run's median is kept")
     ap.add_argument("--forward-gap-us", type=float, default=0.0,
                     help="busy pause between steps, standing in for the forward pass (0: back to back)")
-    ap.add_argument("--evict-mb", type=int, default=0,
-                    help="read this many MB before each proposer's turn, untimed, as a forward pass evicts the "
-                         "caches (0: off; the model's weights are a fair size)")
+    add_evict_arguments(ap, "each proposer's turn")
     ap.add_argument("--turn-steps", type=int, default=1,
                     help="consecutive steps per proposer's turn; above 1, each turn's first step is not counted "
                          "(each proposer measured in its own steady state)")
@@ -262,10 +300,10 @@ def main():
         return
     rows = []
     grid = [(c, b) for b in args.batches for c in args.contexts]
+    evict = cache_evictor(args.evict_mb, args.evict_with)
     for context, batch in tqdm(grid, desc="step cost"):
         tokens = make_batch(context, batch, args.steps)
         gap = args.forward_gap_us * 1e-6
-        evict = np.ones(args.evict_mb << 17, np.int64) if args.evict_mb else None
         runs = [run_point(tokens, context, batch, args.steps, overrides, gap, not args.skip_vllm, evict,
                           args.turn_steps, args.max_draft)
                 for _ in range(args.repeats)]
@@ -291,7 +329,7 @@ def main():
 def _conditions(args) -> str:
     conditions = "steps back to back" + (f", {args.turn_steps} per turn" if args.turn_steps > 1 else "")
     if args.evict_mb:
-        conditions = f"caches evicted before each step ({args.evict_mb} MB read)"
+        conditions = evicted_conditions(args)
     if args.max_draft != K:
         conditions += f", ANPD drafts at most {args.max_draft}"
     return conditions
@@ -301,7 +339,7 @@ def context_pairs(args, overrides) -> None:
     """Per batch size: ANPD alone at the smallest and the largest context, alternating (which goes first too),
     ``--context-pairs`` times; writes each pair's cost ratio and their median."""
     low, high = min(args.contexts), max(args.contexts)
-    evict = np.ones(args.evict_mb << 17, np.int64) if args.evict_mb else None
+    evict = cache_evictor(args.evict_mb, args.evict_with)
     rows = []
     for batch in tqdm(args.batches, desc="context pairs"):
         tokens = {c: make_batch(c, batch, args.steps) for c in (low, high)}

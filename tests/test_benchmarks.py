@@ -185,6 +185,30 @@ def test_step_cost_results_name_their_machine_and_text(tmp_path, monkeypatch):
     assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in first_line  # malloc's huge pages move these costs
 
 
+def test_cache_evictors_read_what_they_are_told_and_the_results_say_which(tmp_path, monkeypatch):
+    """``--evict-mb``'s stand-in for the forward pass: by default a torch tensor summed on torch's threads (as
+    vLLM CPU's forward pass, every core, torch's allocator), on request the numpy array of the figures before
+    2026-11-29. Each reads every element of the MB it is given, 0 means steps back to back, an unknown kind is
+    refused by name, and a result records which one ran."""
+    import json
+
+    import step_cost
+
+    assert step_cost.cache_evictor(0) is None
+    for kind in step_cost.EVICTORS:
+        assert int(step_cost.cache_evictor(2, kind)()) == 2 << 17, kind  # a sum of ones: 2 MB of int64 read
+    with pytest.raises(ValueError, match="evictor 'bogus'"):
+        step_cost.cache_evictor(1, "bogus")
+    monkeypatch.setattr(step_cost, "RESULTS", tmp_path)
+    for extra, kind in (([], "torch"), (["--evict-with", "numpy"], "numpy")):
+        monkeypatch.setattr(sys, "argv", ["step_cost.py", "--contexts", "64", "--batches", "2", "--steps", "2",
+                                          "--repeats", "1", "--skip-vllm", "--evict-mb", "2", "--out", kind, *extra])
+        step_cost.main()
+        args = json.loads((tmp_path / f"{kind}.json").read_text())["args"]
+        assert (args["evict_mb"], args["evict_with"]) == (2, kind)
+        assert kind in step_cost.evicted_conditions(SimpleNamespace(**args))
+
+
 def _core_ab_in(tmp_path, monkeypatch):
     """``core_ab`` writing its results and its copies of base cores under ``tmp_path``."""
     import core_ab
