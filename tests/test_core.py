@@ -916,13 +916,13 @@ def test_fold_allocates_nothing_the_step_reserves_its_room(monkeypatch):
         pointer = ctypes.cast(int(state[at]), ctypes.POINTER(ctypes.c_int64))
         return np.ctypeslib.as_array(pointer, (int(state[at + 1]), int(state[at + 2])))
 
-    def checked_fold(pending, state):
+    def checked_fold(num_pending, state):
         views, meta = bound_array(state, "views"), bound_array(state, "meta")
         before = views.copy(), meta[:, kernels.META_DROPPED].copy()
-        out = fold_pending_bound(pending, state)
+        out = fold_pending_bound(num_pending, state)
         np.testing.assert_array_equal(views, before[0])
         np.testing.assert_array_equal(meta[:, kernels.META_DROPPED], before[1])
-        folds.append(len(pending))
+        folds.append(num_pending)
         return out
 
     monkeypatch.setattr(kernels, "fold_pending_bound", checked_fold)

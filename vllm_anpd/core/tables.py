@@ -22,6 +22,7 @@ from .config import AnpdParams
 
 _INITIAL_CAPACITY = 16
 _NO_LENGTH_LIMIT = np.iinfo(np.int64).max // 2
+_INT32 = np.dtype(np.int32)  # the one native int32 dtype numpy gives int32 arrays (another byte order is another)
 
 # A step's fold goes to the background thread only from this many rows on. Handing it over wakes the thread
 # (a futex wake; on a VM also an interrupt to another virtual CPU) on the step's path: ~8-9 us per step on
@@ -76,13 +77,13 @@ def _no_spare_half_pages():
     return List([np.zeros((0, K.KEY_COLUMNS), np.int64), np.zeros((0, K.PAIR_COLUMNS), np.int64)])
 
 
-def _grow_then_fold(pending: np.ndarray, state: np.ndarray, room_args: tuple | None) -> None:
+def _grow_then_fold(num_pending: int, state: np.ndarray, room_args: tuple | None) -> None:
     """Grow the tables the fold will fill, if ``step_batch`` said one must grow (``room_args``: the arguments of
-    ``reserve_fold_room`` after ``pending``, with the lists that own the tables), then fold (arrays only, packed
-    in ``state``: see ``NgramTables._bind_step_args``)."""
+    ``reserve_fold_room``, the pending rows and the lists that own the tables among them), then fold the
+    step's ``num_pending`` pending rows (arrays only, packed in ``state``: see ``NgramTables._bind_step_args``)."""
     if room_args is not None:
-        K.reserve_fold_room(pending, *room_args)
-    K.fold_pending_bound(pending, state)
+        K.reserve_fold_room(*room_args)
+    K.fold_pending_bound(num_pending, state)
 
 
 # Forks of this process so far (``os.fork``, multiprocessing's included), counted in the child. A fold thread
@@ -219,6 +220,7 @@ class NgramTables:
         self.cross_slot = self._free.pop() if params.cross_request_entries else -1
         self._out_drafts = np.zeros((max_batch, params.num_speculative_tokens), np.int32)
         self._out_lens = np.zeros(max_batch, np.int32)
+        self._out_views: dict = {}  # batch size -> step's return value: views of the two arrays above
         self._pending = np.zeros((max_batch, 4), np.int64)  # what a step leaves to fold_pending
         self._acquired_since_step = False  # a new request's prompt needs prepare_rows
         self._fold_thread = None
@@ -226,7 +228,7 @@ class NgramTables:
             self._fold_thread = _FoldThread()
             weakref.finalize(self, self._fold_thread.stop)  # no thread outlives its tables
         # Compile (or load) the fold now, not at the first step.
-        self._fold(np.zeros((0, 4), np.int64), background=False)
+        self._fold(0, background=False)
 
     def settle(self) -> None:
         """Wait for a background fold in flight (every method does, before touching the tables)."""
@@ -234,20 +236,21 @@ class NgramTables:
         if fold_thread is not None and fold_thread.busy:
             fold_thread.wait()
 
-    def _fold(self, pending: np.ndarray, background: bool, needs_room: bool = True) -> None:
+    def _fold(self, num_pending: int, background: bool, needs_room: bool = True) -> None:
+        """Fold the first ``num_pending`` rows of ``_pending`` (what the last ``step_batch`` left)."""
         state = self._step_args
         if state is None:
             state = self._bind_step_args()
         room_args = None
         if needs_room:  # rare: most steps' tokens fit the tables as they are
             p = self.params
-            room_args = (p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot, p.cross_request_entries,
-                         self.keys, self.pairs, self.spare_half_pages, self.views, self.meta)
+            room_args = (self._pending[:num_pending], p.n_min, p.n_max, p.max_entries_per_request, self.cross_slot,
+                         p.cross_request_entries, self.keys, self.pairs, self.spare_half_pages, self.views, self.meta)
         if background and self._fold_thread is not None:
             # Growing a table rehashes it (tens of us to ms): on the thread too, off the step's path.
-            self._fold_thread.submit(_grow_then_fold, pending, state, room_args)
+            self._fold_thread.submit(_grow_then_fold, num_pending, state, room_args)
         else:
-            _grow_then_fold(pending, state, room_args)
+            _grow_then_fold(num_pending, state, room_args)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -324,9 +327,10 @@ class NgramTables:
         if batch > self._out_lens.shape[0]:
             self._out_drafts = np.zeros((batch, self.params.num_speculative_tokens), np.int32)
             self._out_lens = np.zeros(batch, np.int32)
+            self._out_views = {}
             self._pending = np.zeros((batch, 4), np.int64)
             self._step_args = None
-        if token_ids.dtype != np.int32:
+        if token_ids.dtype is not _INT32:  # not `!= np.int32`, which converts the type first: ~10 us when cold
             token_ids = self._as_int32_tokens(token_ids)
         if stop_probability is None:
             stop_probability = self.params.stop_probability
@@ -352,9 +356,12 @@ class NgramTables:
             if num_pending < 0:
                 raise RuntimeError("ANPD: a row still needs an allocation after prepare_rows (a bug)")
         if num_pending:
-            self._fold(self._pending[:num_pending], background=num_pending >= self.background_fold_min_rows,
-                       needs_room=needs_room)
-        return self._out_drafts[:batch], self._out_lens[:batch]
+            self._fold(num_pending, background=num_pending >= self.background_fold_min_rows, needs_room=needs_room)
+        # The same two views for the same batch size, made once: right after a forward pass, two slices cost ~15 us.
+        out = self._out_views.get(batch)
+        if out is None:
+            out = self._out_views[batch] = (self._out_drafts[:batch], self._out_lens[:batch])
+        return out
 
     def _bind_step_args(self) -> np.ndarray:
         """``step_batch``'s own arguments, packed for ``step_batch_bound`` (``kernels.bound_state``: their
@@ -434,6 +441,6 @@ class NgramTables:
         }
         if self.cross_slot >= 0:
             g = self.cross_slot
-            out["cross_request"] = {"entries": int(self.meta[g, K.META_KEYS]), "clears": int(self.meta[g, K.META_CLEARS]),
-                                    "bytes": self.slot_bytes(g)}
+            out["cross_request"] = {"entries": int(self.meta[g, K.META_KEYS]),
+                                    "clears": int(self.meta[g, K.META_CLEARS]), "bytes": self.slot_bytes(g)}
         return out
