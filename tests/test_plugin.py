@@ -267,6 +267,29 @@ def test_resubmitted_id_is_a_new_request():
     assert p.propose(*batch([ctx]))[0] == oracle.draft(ctx, p.params, 4)
 
 
+def test_a_resubmitted_id_in_the_same_row_gets_a_slot_of_its_own():
+    """Steady rows (the same ids in the same rows as at the last step) reuse the last step's slots without
+    looking them up. A request aborted and resubmitted under its id between two steps keeps its row, so the
+    ids alone look steady: its old slot is released, and the new request must get (and be tracked with) a
+    slot of its own, while the other rows go on as before."""
+    p, runner = make_proposer()
+    batch = Batch()
+    runner.requests = {"a": object(), "b": object()}
+    runner.input_batch.req_ids = ["a", "b"]
+    a, b = list(CTX_A), list(CTX_B)
+    for _ in range(3):  # steady rows
+        assert p.propose(*batch([a, b])) == [oracle.draft(a, p.params, 4), oracle.draft(b, p.params, 4)]
+        a, b = a + [a[-4]], b + [b[-3]]
+    runner.requests["a"] = object()  # aborted and resubmitted with the same id, in the same row
+    a = [4, 4, 5, 4, 4, 5, 4, 4, 5, 4, 4, 5, 4, 4]  # longer than a's context, so no shrink would reveal it
+    for _ in range(2):
+        assert p.propose(*batch([a, b])) == [oracle.draft(a, p.params, 4), oracle.draft(b, p.params, 4)]
+        st = p.stats()
+        assert st["tracked_requests"] == st["runner_requests"] == 2
+        assert sorted(p._slots[:2].tolist()) == sorted(p._slot_of[r] for r in ("a", "b"))
+        a, b = a + [a[-3]], b + [b[-3]]
+
+
 def test_two_proposers_fed_the_same_steps_draft_identically():
     """No hashing seed, address or iteration order in the drafts. (The measured verify cost, off here, does
     bring timing in; vLLM uses one tensor-parallel rank's drafts only, see core/budget.py.)"""
