@@ -15,11 +15,10 @@ the forward pass): this shared 2-core VM drifts by tens of percent within a minu
 that drift out of the ratios. ``--turn-steps N`` makes a turn N steps and leaves each turn's first step
 uncounted: each proposer is then measured in its own steady state, not just after the others' work.
 ``--evict-mb`` reads a buffer before each turn (untimed), as the forward pass between two steps evicts every
-cache: each proposer then starts cold, instruction caches and Python's objects included (``--evict-with``: how,
-see ``cache_evictor``). The figures are
-the median microseconds per step of a run, the lowest over ``--repeats`` runs. ``--max-draft N`` caps ANPD's
-drafts at N tokens per row (0: the tables learn, nothing is drafted), to split a step's cost between its
-update and its drafting. Two ANPD figures:
+cache: each proposer then starts cold, instruction caches and Python's objects included (``--evict-with``:
+how, see ``cache_evictor``). The figures are the median microseconds per step of a run, the lowest over
+``--repeats`` runs. ``--max-draft N`` caps ANPD's drafts at N tokens per row (0: the tables learn, nothing is
+drafted), to split a step's cost between its update and its drafting. Two ANPD figures:
 
 * ``anpd_us``, what delays the engine: ANPD as the vLLM proposer runs it, drafting first and folding the
   step's tokens into its tables on a background thread while the target model runs (here: after the
@@ -68,7 +67,7 @@ def cache_evictor(megabytes: int, kind: str = "torch"):
     core (vLLM binds an OpenMP thread to each), over memory from torch's allocator, in ordinary pages (a vLLM
     CPU engine had 14 MiB of ~10 GB in huge pages, BENCHMARKS.md section 7). ``numpy``, what ``--evict-mb``
     did before 2026-11-29, sums a numpy array (numpy advises huge pages for it) on this thread alone; it left
-    ANPD's next step 10-20 % dearer than ``torch`` does, and vLLM ngram's the same (BENCHMARKS.md section 2,
+    ANPD's next step 10-20 % dearer than ``torch`` does, and vLLM ngram's as it was (BENCHMARKS.md section 2,
     "A forward pass's stand-in"). Kept to reproduce the figures measured with it.
     """
     if megabytes <= 0:
