@@ -49,6 +49,7 @@ class AnpdProposer:
         max_num_seqs = int(vllm_config.scheduler_config.max_num_seqs)
         self._max_num_seqs = max_num_seqs
         self._slots = np.full(max_num_seqs, -1, np.int32)
+        self._slots_of_batch: dict = {}  # batch size -> self._slots[:batch], made once (a slice costs ~10 us cold)
         self._max_draft = np.full(max_num_seqs, self.k, np.int32)  # the model length is the kernel's to apply
         self._slot_of: dict[str, int] = {}
         self._owner: dict[str, object] = {}  # request id -> the runner's state object it was built for
@@ -191,12 +192,16 @@ class AnpdProposer:
             return []
         if batch > self._slots.shape[0]:
             self._slots = np.full(batch, -1, np.int32)
+            self._slots_of_batch = {}
             self._max_draft = np.full(batch, self.k, np.int32)
             self._last_slots_valid = False
         req_ids = self._request_ids(batch)
-        slots = self._slots[:batch]
-        max_draft = self._max_draft[:batch]
-        num_tokens = np.asarray(num_tokens_no_spec)[:batch]
+        slots = self._slots_of_batch.get(batch)
+        if slots is None:
+            slots = self._slots_of_batch[batch] = self._slots[:batch]
+        # The step reads the first len(slots) entries of these two, as of the token rows: no slices to make.
+        max_draft = self._max_draft
+        num_tokens = np.asarray(num_tokens_no_spec)
         # Rows with nothing sampled (a partial prefill, or a discarded sample): nothing new, no draft, and no
         # slot for a request seen for the first time.
         skipped = [] if all(sampled_token_ids) else [i for i, n in enumerate(map(len, sampled_token_ids)) if n == 0]

@@ -316,9 +316,10 @@ class NgramTables:
         """Update and draft for a batch. Returns ``(drafts[B, k], lengths[B])`` (views, reused next call).
 
         ``token_ids``: int32 ``[B', L]`` with ``B' >= B``: row ``r`` holds request ``slots[r]``'s context.
-        ``num_tokens``: context length per row. ``slots``: int32 per row (``-1`` skips the row).
-        ``max_draft``: per-row draft limit. ``max_len``: no row's context plus draft goes past it (for vLLM,
-        ``max_model_len - 1``: the token after the draft must fit too).
+        ``slots``: int32 per row (``-1`` skips the row); its length is the batch size ``B``.
+        ``num_tokens``: context length per row; ``max_draft``: per-row draft limit (both: the first ``B``
+        entries are read, as vLLM's buffers hold more). ``max_len``: no row's context plus draft goes past it
+        (for vLLM, ``max_model_len - 1``: the token after the draft must fit too).
         """
         fold_thread = self._fold_thread
         if fold_thread is not None and fold_thread.busy:  # settle(), inline: a call costs ~5 us after a forward pass
