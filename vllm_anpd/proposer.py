@@ -199,7 +199,7 @@ class AnpdProposer:
         slots = self._slots_of_batch.get(batch)
         if slots is None:
             slots = self._slots_of_batch[batch] = self._slots[:batch]
-        # The step reads the first len(slots) entries of these two, as of the token rows: no slices to make.
+        # The step reads the first len(slots) entries of these two, as it reads the first rows of token_ids_cpu.
         max_draft = self._max_draft
         num_tokens = np.asarray(num_tokens_no_spec)
         # Rows with nothing sampled (a partial prefill, or a discarded sample): nothing new, no draft, and no
