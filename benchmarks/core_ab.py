@@ -9,7 +9,8 @@ by 10-40 % (BENCHMARKS.md section 2), more than most changes to the core are wor
 this checkout's step the same contexts in alternation, each step in the order the previous step did not use
 (base-new, new-base, ...), so the VM's drift falls on both sides alike; each side's own steady state is
 kept apart (their own tables, their own fold thread). Steps are timed as ``step_cost.py`` times ANPD's
-critical path (``NgramTables.step``, the background fold waited for untimed), ``--evict-mb`` reads a buffer
+critical path (``NgramTables.step``, the background fold waited for untimed; ``--fold-in-step``: all of the
+step's work, the fold inside it, as vLLM CPU runs it), ``--evict-mb`` reads a buffer
 before every step as a forward pass evicts the caches (``--evict-with``: how, see ``step_cost.cache_evictor``).
 Per point: the median, 25th and 75th percentile microseconds per step of each side, new / base, and whether
 both drafted the same tokens at every step (a change meant to keep the drafts shows here if it does not).
@@ -129,11 +130,12 @@ def import_core(package: str, path: Path):
     return importlib.import_module(f"{package}.tables")
 
 
-def run_point(base_module, context, batch, steps, overrides, max_draft, evict) -> dict:
+def run_point(base_module, context, batch, steps, overrides, max_draft, evict, fold_in_step=False) -> dict:
     """Both cores on the same batch, as ``step_cost.AnpdRunner`` runs one (prefilled untimed, the background fold
-    waited for outside the timed step), stepped turn about."""
+    waited for outside the timed step, or with ``fold_in_step`` run inside it, as on vLLM CPU), stepped turn
+    about."""
     tokens = step_cost.make_batch(context, batch, steps)
-    sides = {name: step_cost.AnpdRunner(tokens, context, batch, overrides, True, max_draft, core=core)
+    sides = {name: step_cost.AnpdRunner(tokens, context, batch, overrides, not fold_in_step, max_draft, core=core)
              for name, core in (("base", base_module), ("new", new_tables))}
     times = {name: [] for name in sides}
     same_drafts = True
@@ -196,6 +198,9 @@ def main(argv=None) -> list[dict]:
     step_cost.add_evict_arguments(ap, "every step")
     ap.add_argument("--max-draft", type=int, default=K, help=f"tokens drafted at most per row (default {K})")
     ap.add_argument("--anpd", type=anpd_overrides, default={}, help="JSON of AnpdParams overrides, for both sides")
+    ap.add_argument("--fold-in-step", action="store_true",
+                    help="time all of a step's work: the fold runs inside the step, as on vLLM CPU (whose worker "
+                         "is bound to one core), instead of on the tables' thread, waited for untimed")
     ap.add_argument("--out", default="core_ab", help="results/<out>.{json,md,png}")
     args = ap.parse_args(argv)
     for name in ("contexts", "batches"):
@@ -209,11 +214,12 @@ def main(argv=None) -> list[dict]:
     base_module = import_core(package, path)
     evict = step_cost.cache_evictor(args.evict_mb, args.evict_with)
     grid = [(c, b) for c in args.contexts for b in args.batches]
-    rows = [run_point(base_module, c, b, args.steps, overrides, args.max_draft, evict)
+    rows = [run_point(base_module, c, b, args.steps, overrides, args.max_draft, evict, args.fold_in_step)
             for c, b in tqdm(grid, desc="core A/B")]
 
     base_name = str(args.base_dir) if args.base_dir else args.base
     conditions = step_cost.evicted_conditions(args) if args.evict_mb else "back to back"
+    conditions += ", the fold inside the step (all work)" if args.fold_in_step else ", the fold on its thread (untimed)"
     info = {"machine": machine.describe(), "stream": step_cost.stream_source()}
     RESULTS.mkdir(exist_ok=True)
     diff = uncommitted_core_diff()

@@ -266,6 +266,31 @@ def test_core_ab_takes_a_git_revision_and_names_a_bad_one(tmp_path, monkeypatch)
         core_ab.core_at_revision("no-such-revision")
 
 
+def test_core_ab_fold_in_step_times_the_fold_inside_the_step(tmp_path, monkeypatch):
+    """``--fold-in-step`` (all of a step's work, as vLLM CPU runs it): both sides fold inside the timed step, no
+    fold thread, and the results say so; without it, both fold on their thread."""
+    import vllm_anpd.core
+
+    core_ab = _core_ab_in(tmp_path, monkeypatch)
+    built = []
+
+    class Recorded(core_ab.step_cost.AnpdRunner):
+        def __init__(self, tokens, context, batch, overrides, background, *args, **kwargs):
+            super().__init__(tokens, context, batch, overrides, background, *args, **kwargs)
+            built.append((background, self.tables._fold_thread is None))
+
+    monkeypatch.setattr(core_ab.step_cost, "AnpdRunner", Recorded)
+    core_dir = str(Path(vllm_anpd.core.__file__).parent)
+    common = ["--base-dir", core_dir, "--contexts", "300", "--batches", "2", "--steps", "4"]
+    rows = core_ab.main(common + ["--fold-in-step", "--out", "all_work"])
+    assert built == [(False, True), (False, True)] and rows[0]["same_drafts"]
+    assert "the fold inside the step (all work)" in (tmp_path / "all_work.md").read_text()
+    built.clear()
+    core_ab.main(common + ["--out", "critical_path"])
+    assert [background for background, _ in built] == [True, True]
+    assert "the fold on its thread (untimed)" in (tmp_path / "critical_path.md").read_text()
+
+
 def test_core_ab_keeps_the_diff_of_a_core_that_is_not_committed(tmp_path, monkeypatch):
     """An experiment measured from a working tree: the results keep what the core's uncommitted change was. And a
     revision without the core is refused by name."""
