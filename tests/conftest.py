@@ -26,3 +26,16 @@ def run_bound_to_one_cpu():
         return out["value"]
 
     return run
+
+
+@pytest.fixture
+def restored_environ():
+    """The process environment as it was before the test, restored after it: for tests of code that sets
+    variables in ``os.environ`` (for the engine processes it starts to inherit). ``monkeypatch.delenv`` of a
+    variable that is absent records nothing to undo, so a value the code sets afterwards would outlive the
+    test, and every engine that later tests start would inherit it. Ask for it before ``monkeypatch``, so that it
+    is restored last."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

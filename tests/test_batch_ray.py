@@ -156,9 +156,12 @@ def test_work_dir_of_another_job_is_refused(tmp_path):
 
 # --- core pinning ------------------------------------------------------------------------------------
 
-def test_engines_of_one_machine_claim_different_cores(tmp_path, monkeypatch):
+def test_engines_of_one_machine_claim_different_cores(restored_environ, tmp_path, monkeypatch):
+    # pin_engine_cores sets VLLM_CPU_OMP_THREADS_BIND in this process: restored_environ keeps it from binding the
+    # engines of every later test to cores 0 and 1 (vLLM CPU's own default binding leaves a core to the engine
+    # core process).
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     claimed = []
     for _ in range(3):  # each claim stands for one engine process; its locks are held until it exits
         locks = batch.pin_engine_cores(2, lock_dir=tmp_path)
